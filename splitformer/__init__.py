@@ -1,0 +1,3 @@
+"""Splitformer: dynamic (early-exit) speech recognition in plain PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,17 @@
+"""Shared fixtures: where the AN4 corpus lives, and a skip when it is absent."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AN4_DIR = Path(os.environ.get("AN4_DIR", REPO.parent / "shared" / "data" / "an4"))
+
+
+@pytest.fixture(scope="session")
+def an4_dir() -> Path:
+    if not (AN4_DIR / "etc" / "an4_train.transcription").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"AN4 not found at {AN4_DIR}; CI must have ../shared/data/an4")
+        pytest.skip(f"AN4 not found at {AN4_DIR} (set AN4_DIR)")
+    return AN4_DIR
