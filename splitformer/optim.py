@@ -63,8 +63,15 @@ def _split_named(params) -> Tuple[List[dict], List[List[str]]]:
 
 def _rms(x: Tensor) -> Tensor:
     """RMS over all but the leading (stack) dimension, kept broadcastable."""
-    dims = tuple(range(1, x.ndim))
-    return (x**2).mean(dim=dims, keepdim=True).sqrt()
+    flat = x.reshape(x.shape[0], -1)
+    norm = torch.linalg.vector_norm(flat, dim=1) * (1.0 / math.sqrt(flat.shape[1]))
+    return norm.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row dot product of two stacked tensors, shape (N,), without an (N, M) temporary."""
+    n = a.shape[0]
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).reshape(n)
 
 
 class ScaledAdam(Optimizer):
@@ -213,8 +220,7 @@ class ScaledAdam(Optimizer):
 
         # Learn the scale: d(loss)/d(log_scale) = sum(param * grad), accumulated over a period.
         scale_grads = state["scale_grads"]
-        dims = tuple(range(1, P.ndim))
-        scale_grads[step % period] = (P * G).sum(dim=dims, keepdim=True)
+        scale_grads[step % period] = _row_dot(P, G).reshape(scale_grads.shape[1:])
         if step % period == period - 1:
             state["param_rms"].copy_(_rms(P))
             if step > 0:
@@ -222,10 +228,11 @@ class ScaledAdam(Optimizer):
 
         exp_avg_sq = state["exp_avg_sq"]
         exp_avg_sq.mul_(beta2).addcmul_(G, G, value=1 - beta2)
-        bias_corr2 = 1 - beta2 ** (step + 1)
-        denom = exp_avg_sq.sqrt().mul_(1.0 / math.sqrt(bias_corr2)).add_(group["eps"])
-        scale = state["param_rms"].clamp(min=group["param_min_rms"]) * (-lr * (1 - beta1))
-        delta.addcdiv_(G * scale, denom)
+        # grad / (sqrt(v / bc2) + eps) == sqrt(bc2) * grad / (sqrt(v) + eps * sqrt(bc2))
+        sqrt_bc2 = math.sqrt(1 - beta2 ** (step + 1))
+        denom = exp_avg_sq.sqrt().add_(group["eps"] * sqrt_bc2)
+        scale = state["param_rms"].clamp(min=group["param_min_rms"]) * (-lr * (1 - beta1) * sqrt_bc2)
+        delta.addcdiv_(G, denom.div_(scale))
         P.add_(delta)
 
     def _size_update(self, group: dict, P: Tensor, scale_grads: Tensor, state: dict) -> None:
@@ -332,10 +339,11 @@ class ScaledAdam(Optimizer):
         out = []
         s2 = group["scalar_lr_scale"] ** 2
         for _, _, P, G, state in batches:
+            sq = torch.linalg.vector_norm(G.reshape(G.shape[0], -1), dim=1) ** 2
             if P[0].numel() == 1:
-                out.append(G.reshape(G.shape[0], -1).pow(2).sum(dim=1) * s2)
+                out.append(sq * s2)
             else:
-                out.append((G * state["param_rms"]).reshape(G.shape[0], -1).pow(2).sum(dim=1))
+                out.append(sq * state["param_rms"].reshape(-1) ** 2)
         return out
 
     @staticmethod
