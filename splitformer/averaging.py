@@ -15,7 +15,7 @@ which is what ``--use-averaged-model`` decodes with.
 import copy
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping, MutableMapping, Union
+from typing import Mapping, MutableMapping
 
 import torch
 from torch import nn

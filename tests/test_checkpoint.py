@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import splitformer.checkpoint as ckpt_mod
 from splitformer.checkpoint import (
     CheckpointError,
     average_checkpoints,

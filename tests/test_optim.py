@@ -1,6 +1,5 @@
 """ScaledAdam and Eden: formula, scale-awareness, clipping, exact resume, convergence."""
 import argparse
-import copy
 import io
 import logging
 import math
