@@ -381,12 +381,26 @@ def find_checkpoints(exp_dir: PathLike, iteration: int = 0) -> List[Path]:
     return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
-def remove_old_checkpoints(exp_dir: PathLike, keep_last_k: int) -> List[Path]:
-    """Delete all but the ``keep_last_k`` newest ``checkpoint-B.pt`` files (``keep_last_k <= 0``
-    keeps everything). Returns the removed paths."""
-    if keep_last_k <= 0:
+def remove_temp_files(exp_dir: PathLike) -> List[Path]:
+    """Delete temporary files left by saves that were killed mid-write (``.NAME.pt.*.tmp``).
+    Call it only when no save is in progress (e.g. right after one, on the saving rank)."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
         return []
     removed = []
+    for p in exp_dir.glob(".*.pt.*.tmp"):
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def remove_old_checkpoints(exp_dir: PathLike, keep_last_k: int) -> List[Path]:
+    """Delete all but the ``keep_last_k`` newest ``checkpoint-B.pt`` files (``keep_last_k <= 0``
+    keeps everything), and leftovers of interrupted saves. Returns the removed paths."""
+    removed = remove_temp_files(exp_dir)
+    if keep_last_k <= 0:
+        return removed
     for p in find_checkpoints(exp_dir)[keep_last_k:]:
         p.unlink()
         removed.append(p)

@@ -97,6 +97,44 @@ def test_crash_mid_write_keeps_old_file(tmp_path, monkeypatch):
     assert load_checkpoint(path)["epoch"] == 1
 
 
+_KILLED_WRITER = r"""
+import sys, time, torch
+from splitformer.checkpoint import save_checkpoint
+
+def slow_save(obj, f, *a, **k):
+    f.write(b"PK\x03\x04" + b"\0" * 100000)  # the start of a zip file ...
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)  # ... and the process is killed here
+
+torch.save = slow_save
+save_checkpoint(sys.argv[1], model={"w": torch.zeros(3)}, epoch=2)
+"""
+
+
+def test_process_killed_mid_write(tmp_path):
+    """A real SIGKILL during the write: the final name keeps the old checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "epoch-1.pt"
+    save_checkpoint(path, model={"w": torch.ones(3)}, epoch=1)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"writing"
+        temps = list(tmp_path.glob(".epoch-1.pt.*.tmp"))
+        assert len(temps) == 1 and temps[0].stat().st_size > 100000
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in remove_old_checkpoints(tmp_path, 1)] == [temps[0].name]
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-1.pt"]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"nope\.pt: no such file"):
         load_checkpoint(tmp_path / "nope.pt")
@@ -250,7 +288,7 @@ def test_find_and_remove_old_checkpoints(tmp_path):
     (tmp_path / ".checkpoint-5000.pt.abc.tmp").write_bytes(b"partial")
     assert [p.name for p in find_checkpoints(tmp_path)] == [f"checkpoint-{b}.pt" for b in (2000, 300, 100, 40)]
     assert [p.name for p in find_checkpoints(tmp_path, iteration=300)] == ["checkpoint-300.pt", "checkpoint-100.pt", "checkpoint-40.pt"]
-    assert remove_old_checkpoints(tmp_path, 0) == []
+    assert [p.name for p in remove_old_checkpoints(tmp_path, 0)] == [".checkpoint-5000.pt.abc.tmp"]
     removed = remove_old_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in removed) == ["checkpoint-100.pt", "checkpoint-40.pt"]
     assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint-2000.pt", "checkpoint-300.pt"]
