@@ -5,7 +5,8 @@ ScaledAdam is Adam made aware of each parameter tensor's scale:
 * the step of a non-scalar tensor is ``lr * param_rms * (normalized grad)``, so a tensor
   with RMS 0.1 moves ten times less than one with RMS 1.0 -- relative change, not absolute;
 * the scale (RMS) of each tensor is learned separately, as if the tensor were factored as
-  ``direction * exp(log_scale)``, with the RMS kept inside ``[param_min_rms, param_max_rms]``;
+  ``direction * exp(log_scale)``; the scale is not learned below ``param_min_rms`` and is
+  pushed down when the RMS exceeds ``param_max_rms``;
 * scalars use plain Adam with ``scalar_lr_scale * lr`` and are clamped to ``+-scalar_max``;
 * the whole gradient is clipped at ``clipping_scale`` times the median gradient norm of
   recent steps, so a single bad batch cannot blow up the second-moment statistics.
@@ -88,8 +89,9 @@ class ScaledAdam(Optimizer):
       betas: momentum and second-moment decay.
       scalar_lr_scale: lr factor for scalar tensors and for learning the tensors' scales.
       eps: added to the RMS of the gradient.
-      param_min_rms, param_max_rms: bounds on a tensor's RMS; its scale is pushed back
-        inside when it leaves them, and steps never shrink below ``param_min_rms``.
+      param_min_rms, param_max_rms: bounds on a tensor's RMS: below the minimum its scale stops
+        shrinking (and steps are sized as if the RMS were the minimum); above the maximum
+        its scale is pushed down.
       scalar_max: scalar parameters are clamped to ``[-scalar_max, scalar_max]``.
       size_update_period: the scale is learned every this many steps (cheaper, less noisy).
       clipping_update_period: the clipping threshold is re-estimated every this many steps.
@@ -248,8 +250,8 @@ class ScaledAdam(Optimizer):
         denom = sq.sqrt() + group["eps"]
         scale_step = scale_grads.sum(dim=0) / denom * (-size_lr * math.sqrt(bias_corr2))
         rms = state["param_rms"]
-        # Outside the allowed RMS range the scale is pushed back at the maximum rate.
-        scale_step.masked_fill_(rms < group["param_min_rms"], size_lr * period)
+        # Too small: stop shrinking it. Too large: shrink it at the maximum rate.
+        scale_step.masked_fill_(rms < group["param_min_rms"], 0.0)
         scale_step.masked_fill_(rms > group["param_max_rms"], -size_lr * period)
         state["delta"].add_(P * scale_step, alpha=1 - beta1)
 

@@ -250,3 +250,13 @@ def test_parameters_without_grad_and_groups():
     assert not torch.equal(a.detach(), torch.ones(3, 3))
     assert torch.equal(b.detach(), torch.ones(3, 3))
     assert opt.param_names == [["a"], ["group1.param0"]]
+
+
+def test_tiny_parameter_steps_at_min_rms():
+    w = _with_rms((8, 8), 1e-8, 8)  # below param_min_rms=1e-5
+    before = w.detach().clone()
+    opt = ScaledAdam([w], lr=0.04, clipping_scale=None)
+    w.grad = torch.randn(8, 8)
+    opt.step()
+    step = (w.detach() - before).abs()
+    assert torch.allclose(step, torch.full_like(step, 0.04 * 0.1 * 1e-5), rtol=1e-3)
