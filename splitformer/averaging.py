@@ -117,7 +117,8 @@ def load_averaged_state(
     * ``--iter N --avg A``: the A newest ``checkpoint-B.pt`` with B <= N;
     * ``--epoch E --avg A``: ``epoch-(E-A+1).pt .. epoch-E.pt``;
     * with ``use_averaged_model``, the running average between the checkpoint just before that
-      range and its last one (needs A+1 checkpoints), instead of A snapshots.
+      range and its last one (needs A+1 checkpoints), instead of A snapshots; with
+      ``--epoch E --avg E`` that is ``epoch-E.pt``'s ``model_avg`` itself (it averages from batch 0).
     """
     exp_dir = Path(exp_dir)
     if iteration > 0:
@@ -135,8 +136,11 @@ def load_averaged_state(
         raise CheckpointError("Give --epoch E (>= 1) or --iter N (> 0) to pick checkpoints")
     if use_averaged_model:
         start = epoch - avg
-        if start < 1:
-            raise CheckpointError(f"--use-averaged-model with --epoch {epoch} --avg {avg} needs epoch-{start}.pt; lower --avg")
+        if start < 0:
+            raise CheckpointError(f"--use-averaged-model with --epoch {epoch} --avg {avg}: --avg must be <= --epoch")
+        if start == 0:  # the interval starts at batch 0: the running average itself
+            end_path = exp_dir / f"epoch-{epoch}.pt"
+            return OrderedDict(load_checkpoint(end_path, required_keys=("model_avg",))["model_avg"])
         paths = [exp_dir / f"epoch-{start}.pt", exp_dir / f"epoch-{epoch}.pt"]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:

@@ -84,8 +84,10 @@ def test_average_between_checkpoints_recovers_interval_mean(tmp_path):
     assert torch.equal(plain["w"], torch.full((3,), (100.0 + 256.0) / 2))
     with pytest.raises(CheckpointError, match="later"):
         average_checkpoints_with_averaged_model(paths[10], paths[4])
-    with pytest.raises(CheckpointError, match="epoch-0.pt"):
-        load_averaged_state(tmp_path, epoch=3, avg=3, use_averaged_model=True)
+    from_start = load_averaged_state(tmp_path, epoch=3, avg=3, use_averaged_model=True)
+    assert torch.allclose(from_start["w"], torch.full((3,), sum(b * b for b in range(1, 17)) / 16, dtype=torch.float64))
+    with pytest.raises(CheckpointError, match="must be <= --epoch"):
+        load_averaged_state(tmp_path, epoch=3, avg=4, use_averaged_model=True)
 
 
 def test_load_averaged_state_by_iteration(tmp_path):
