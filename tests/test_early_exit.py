@@ -93,7 +93,7 @@ def test_iter_exits_equals_forward(layer_type):
     torch.testing.assert_close(partial[1][0], full[1][0])
 
 
-@pytest.mark.parametrize("input_downsample,mode", [(1, "weighted"), (2, "weighted"), (2, "drop")])
+@pytest.mark.parametrize("input_downsample,mode", [(1, "learned"), (2, "learned"), (2, "drop")])
 def test_exit_lengths(input_downsample, mode):
     enc = tiny(input_downsample=input_downsample, input_downsample_mode=mode, split_blocks=(0, 2)).eval()
     x, lens = batch(lens=(23, 18, 5))
@@ -114,7 +114,7 @@ def test_upsample_restores_exact_length(t):
 
 
 @pytest.mark.parametrize("t", [9, 10])
-@pytest.mark.parametrize("downsample", ["weighted", "drop"])
+@pytest.mark.parametrize("downsample", ["learned", "drop"])
 def test_branch_output_matches_block_length(t, downsample):
     enc = tiny(split_blocks=(0,), split_downsample=downsample).eval()
     x, lens = batch(lens=(t, t - 3))
@@ -151,7 +151,7 @@ def test_branch_takes_its_block_input():
 
 
 def test_weighted_downsample_averages_and_ignores_padding():
-    ds = Downsample(2, "weighted")
+    ds = Downsample(2, "learned")
     x = torch.tensor([[1.0, 3.0, 5.0, 7.0, 9.0], [2.0, 4.0, 6.0, 100.0, 100.0]]).unsqueeze(-1)
     y, ylens = ds(x, torch.tensor([5, 3]))
     assert ylens.tolist() == [3, 2]
@@ -183,7 +183,7 @@ CONFIGS = [
     dict(pos_encoding="abs"),
     dict(pos_encoding="rel", conv_norm="layer"),
     dict(pos_encoding="abs", split_blocks=(0, 2), split_downsample="drop", split_combine="sum"),
-    dict(pos_encoding="rel", split_blocks=(1,), split_downsample="weighted", split_combine="bypass",
+    dict(pos_encoding="rel", split_blocks=(1,), split_downsample="learned", split_combine="bypass",
          input_downsample=2),
     dict(pos_encoding="rel", split_blocks=(0, 2), input_downsample=2, input_downsample_mode="drop"),
 ]
@@ -263,3 +263,26 @@ def test_paper_parameter_counts(kw, encoder_params, total_m):
     front = embed.Conv1dSubsampling(in_channels=80, out_channels=256)
     total = n_params(enc) + n_params(heads) + n_params(front)
     assert abs(total / 1e6 - total_m) / total_m < 0.02, total
+
+
+@pytest.mark.parametrize("preset,encoder_params", [("ee-conformer-paper", 30_885_888),
+                                                   ("splitformer-paper", 36_033_024)])
+def test_config_presets_build_the_paper_encoders(preset, encoder_params):
+    """The lead's presets reach this constructor with the papers' arguments."""
+    config = pytest.importorskip("splitformer.model.config")
+    enc, dim = config.build_encoder(config.default_model_args(preset=preset))
+    assert isinstance(enc, EarlyExitEncoder) and dim == 256
+    assert n_params(enc) == encoder_params
+    assert enc.exits == [2, 4, 6, 8, 10, 12] and enc.layer_type == "conformer" and enc.pos_encoding == "abs"
+    if preset == "splitformer-paper":
+        assert enc.split_blocks == [0, 5]
+        assert all(b.downsample.mode == "drop" and b.combine == "sum" for b in enc.branches.values())
+
+
+def test_input_projection_when_front_end_dim_differs():
+    enc = tiny(input_dim=20).eval()
+    x = torch.randn(2, 9, 20)
+    outs = enc(x, torch.tensor([9, 4]))
+    assert outs[-1][0].shape == (2, 9, D)
+    with pytest.raises(ValueError, match="expects"):
+        enc(torch.randn(2, 9, D), torch.tensor([9, 4]))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from splitformer.model.conformer import AbsolutePositionalEncoding, ConformerLayer, RelativePositionalEncoding
 
 LAYER_TYPES = ("zipformer", "conformer")
-DOWNSAMPLE_MODES = ("weighted", "drop")
+DOWNSAMPLE_MODES = ("learned", "drop")
 COMBINE_MODES = ("sum", "bypass")
 
 
@@ -28,13 +28,13 @@ def make_pad_mask(lens: Tensor, max_len: int) -> Tensor:
 class Downsample(nn.Module):
     """Reduces the frame rate by ``factor``: ``T' = ceil(T / factor)``, ``lens' = ceil(lens / factor)``.
 
-    ``"weighted"``: each output frame is a learned softmax-weighted average of ``factor`` consecutive frames
+    ``"learned"``: each output frame is a learned softmax-weighted average of ``factor`` consecutive frames
     (Zipformer's SimpleDownsample); a sequence's last, incomplete group is completed with its last valid frame,
     so the result does not depend on how much padding the batch adds.  ``"drop"``: keep every ``factor``-th frame
     (frames 0, f, 2f, ...), the Splitformer paper's choice; no parameters.
     """
 
-    def __init__(self, factor: int, mode: str = "weighted") -> None:
+    def __init__(self, factor: int, mode: str = "learned") -> None:
         super().__init__()
         if factor < 1:
             raise ValueError(f"downsampling factor must be >= 1, got {factor}")
@@ -42,7 +42,7 @@ class Downsample(nn.Module):
             raise ValueError(f"downsample mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
         self.factor = factor
         self.mode = mode
-        if mode == "weighted" and factor > 1:
+        if mode == "learned" and factor > 1:
             self.weights = nn.Parameter(torch.zeros(factor))  # softmax(0) = plain average at start
 
     def forward(self, x: Tensor, lens: Tensor) -> Tuple[Tensor, Tensor]:
@@ -92,7 +92,7 @@ class SplitBranch(nn.Module):
     with a learned per-channel ``c`` in [0, 1], initialised at 0.5 (Zipformer's bypass style).
     """
 
-    def __init__(self, layers: nn.ModuleList, dim: int, factor: int = 2, downsample: str = "weighted",
+    def __init__(self, layers: nn.ModuleList, dim: int, factor: int = 2, downsample: str = "learned",
                  combine: str = "sum") -> None:
         super().__init__()
         if combine not in COMBINE_MODES:
@@ -132,7 +132,9 @@ class EarlyExitEncoder(nn.Module):
     ``"rel"`` uses relative-position attention: Transformer-XL style for conformer layers, Zipformer's own
     CompactRelPositionalEncoding for zipformer layers (which always need it).
     The ``query_head_dim``, ``pos_head_dim``, ``value_head_dim`` and ``pos_dim`` arguments only apply to zipformer
-    layers; ``conv_norm`` only to conformer layers.
+    layers; ``conv_norm`` only to conformer layers.  ``input_dim`` (front-end output dim, default ``d_model``)
+    gets a Linear projection when it differs from ``d_model``.  ``encoder_unmasked_dim`` is accepted so that the
+    Zipformer2 flags can be passed unchanged; this encoder does no feature masking and ignores it.
     """
 
     def __init__(
@@ -148,16 +150,18 @@ class EarlyExitEncoder(nn.Module):
         pos_encoding: str = "rel",
         conv_norm: str = "batch",
         input_downsample: int = 1,
-        input_downsample_mode: str = "weighted",
+        input_downsample_mode: str = "learned",
         split_blocks: Sequence[int] = (),
         split_downsampling_factor: int = 2,
         split_num_layers: int = 1,
-        split_downsample: str = "weighted",
+        split_downsample: str = "learned",
         split_combine: str = "sum",
         query_head_dim: int = 32,
         pos_head_dim: int = 4,
         value_head_dim: int = 12,
         pos_dim: int = 48,
+        input_dim: Optional[int] = None,
+        encoder_unmasked_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         if layer_type not in LAYER_TYPES:
@@ -181,6 +185,8 @@ class EarlyExitEncoder(nn.Module):
                   cnn_module_kernel=cnn_module_kernel, dropout=dropout, pos_encoding=pos_encoding,
                   conv_norm=conv_norm, query_head_dim=query_head_dim, pos_head_dim=pos_head_dim,
                   value_head_dim=value_head_dim, pos_dim=pos_dim)
+        self.input_dim = d_model if input_dim is None else input_dim
+        self.input_proj = nn.Linear(self.input_dim, d_model) if self.input_dim != d_model else None
         self.input_downsample = Downsample(input_downsample, input_downsample_mode)
         if layer_type == "conformer":
             pe_cls = AbsolutePositionalEncoding if pos_encoding == "abs" else RelativePositionalEncoding
@@ -257,8 +263,10 @@ class EarlyExitEncoder(nn.Module):
         strategy that stops iterating never pays for the layers above its exit.
         """
         n = self.num_exits_upto(max_exit)
-        if x.dim() != 3 or x.size(-1) != self.d_model:
-            raise ValueError(f"EarlyExitEncoder expects (B, T, {self.d_model}) input, got {tuple(x.shape)}")
+        if x.dim() != 3 or x.size(-1) != self.input_dim:
+            raise ValueError(f"EarlyExitEncoder expects (B, T, {self.input_dim}) input, got {tuple(x.shape)}")
+        if self.input_proj is not None:
+            x = self.input_proj(x)
         x, lens = self.input_downsample(x, x_lens)
         if self.pos_encoding == "abs":
             x = self.pos_enc(x)
