@@ -286,3 +286,54 @@ def test_input_projection_when_front_end_dim_differs():
     assert outs[-1][0].shape == (2, 9, D)
     with pytest.raises(ValueError, match="expects"):
         enc(torch.randn(2, 9, D), torch.tensor([9, 4]))
+
+
+def test_zipformer_layers_are_called_time_major_with_matching_positions(monkeypatch):
+    """Wiring of layer_type="zipformer" against the DESIGN.md signatures, with recording test doubles:
+    layers get (T, B, C), a (B, T) padding mask and position embeddings made for their own length (the
+    branch's lower rate included); exits are BiasNorm'ed."""
+    import sys
+    import types
+
+    seen = []
+
+    class FakeLayer(torch.nn.Module):
+        def __init__(self, embed_dim, pos_dim, num_heads, query_head_dim, pos_head_dim, value_head_dim,
+                     feedforward_dim, dropout, cnn_module_kernel):
+            super().__init__()
+            self.lin = torch.nn.Linear(embed_dim, embed_dim)
+
+        def forward(self, src, pos_emb, src_key_padding_mask=None):
+            seen.append((tuple(src.shape), tuple(pos_emb.shape), tuple(src_key_padding_mask.shape)))
+            return src + self.lin(src)
+
+    class FakePos(torch.nn.Module):
+        def __init__(self, pos_dim, dropout):
+            super().__init__()
+            self.pos_dim = pos_dim
+
+        def forward(self, x):
+            return torch.zeros(1, 2 * x.size(0) - 1, self.pos_dim)
+
+    class FakeBiasNorm(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(dim))
+
+        def forward(self, x):
+            return x - self.bias
+
+    zip_mod = types.ModuleType("splitformer.model.zipformer")
+    zip_mod.Zipformer2EncoderLayer, zip_mod.CompactRelPositionalEncoding = FakeLayer, FakePos
+    scaling_mod = types.ModuleType("splitformer.model.scaling")
+    scaling_mod.BiasNorm = FakeBiasNorm
+    monkeypatch.setitem(sys.modules, "splitformer.model.zipformer", zip_mod)
+    monkeypatch.setitem(sys.modules, "splitformer.model.scaling", scaling_mod)
+
+    enc = tiny("zipformer", split_blocks=(0,), input_downsample=2).eval()
+    assert all(isinstance(n, FakeBiasNorm) for n in enc.exit_norms)
+    x, lens = batch(lens=(23, 11))
+    outs = enc(x, lens, max_exit=2)
+    assert len(outs) == 1 and outs[0][0].shape == (2, 12, D) and outs[0][1].tolist() == [12, 6]
+    # two trunk layers at 12 frames, then the branch layer at 6 frames
+    assert seen == [((12, 2, D), (1, 23, 8), (2, 12))] * 2 + [((6, 2, D), (1, 11, 8), (2, 6))]
