@@ -132,7 +132,7 @@ class EarlyExitEncoder(nn.Module):
     ``"rel"`` uses relative-position attention: Transformer-XL style for conformer layers, Zipformer's own
     CompactRelPositionalEncoding for zipformer layers (which always need it).
     The ``query_head_dim``, ``pos_head_dim``, ``value_head_dim`` and ``pos_dim`` arguments only apply to zipformer
-    layers; ``conv_norm`` only to conformer layers.  ``input_dim`` (front-end output dim, default ``d_model``)
+    layers, as do ``use_balancers``/``use_whiten`` (Zipformer's regularisers); ``conv_norm`` only to conformer layers.  ``input_dim`` (front-end output dim, default ``d_model``)
     gets a Linear projection when it differs from ``d_model``.  ``encoder_unmasked_dim`` is accepted so that the
     Zipformer2 flags can be passed unchanged; this encoder does no feature masking and ignores it.
     """
@@ -162,6 +162,8 @@ class EarlyExitEncoder(nn.Module):
         pos_dim: int = 48,
         input_dim: Optional[int] = None,
         encoder_unmasked_dim: Optional[int] = None,
+        use_balancers: bool = False,
+        use_whiten: bool = False,
     ) -> None:
         super().__init__()
         if layer_type not in LAYER_TYPES:
@@ -184,7 +186,8 @@ class EarlyExitEncoder(nn.Module):
         hp = dict(d_model=d_model, num_heads=num_heads, feedforward_dim=feedforward_dim,
                   cnn_module_kernel=cnn_module_kernel, dropout=dropout, pos_encoding=pos_encoding,
                   conv_norm=conv_norm, query_head_dim=query_head_dim, pos_head_dim=pos_head_dim,
-                  value_head_dim=value_head_dim, pos_dim=pos_dim)
+                  value_head_dim=value_head_dim, pos_dim=pos_dim, use_balancers=use_balancers,
+                  use_whiten=use_whiten)
         self.input_dim = d_model if input_dim is None else input_dim
         self.input_proj = nn.Linear(self.input_dim, d_model) if self.input_dim != d_model else None
         self.input_downsample = Downsample(input_downsample, input_downsample_mode)
@@ -219,11 +222,13 @@ class EarlyExitEncoder(nn.Module):
                                   hp["dropout"], hp["pos_encoding"], hp["conv_norm"])
         from splitformer.model.zipformer import Zipformer2EncoderLayer
 
+        # the regularisers are passed only when on, so the DESIGN.md signature is all that is required otherwise
+        extra = {k: True for k in ("use_balancers", "use_whiten") if hp[k]}
         return ZipformerLayerAdapter(Zipformer2EncoderLayer(
             embed_dim=hp["d_model"], pos_dim=hp["pos_dim"], num_heads=hp["num_heads"],
             query_head_dim=hp["query_head_dim"], pos_head_dim=hp["pos_head_dim"],
             value_head_dim=hp["value_head_dim"], feedforward_dim=hp["feedforward_dim"], dropout=hp["dropout"],
-            cnn_module_kernel=hp["cnn_module_kernel"]))
+            cnn_module_kernel=hp["cnn_module_kernel"], **extra))
 
     @staticmethod
     def _make_norm(layer_type: str, dim: int) -> nn.Module:
