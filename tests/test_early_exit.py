@@ -72,10 +72,10 @@ def test_iter_exits_is_lazy():
     x, lens = batch()
     it = enc.iter_exits(x, lens)
     assert calls == {}  # a generator runs nothing until asked
-    exit_layer, _, _ = next(it)
-    assert exit_layer == 2 and calls == {"layer0": 1, "layer1": 1, "branch0.0": 1}
-    exit_layer, _, _ = next(it)
-    assert exit_layer == 4 and sorted(calls) == ["branch0.0", "layer0", "layer1", "layer2", "layer3"]
+    next(it)
+    assert calls == {"layer0": 1, "layer1": 1, "branch0.0": 1}
+    next(it)
+    assert calls == {"layer0": 1, "layer1": 1, "branch0.0": 1, "layer2": 1, "layer3": 1}
 
 
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
@@ -84,8 +84,8 @@ def test_iter_exits_equals_forward(layer_type):
     x, lens = batch()
     full = enc(x, lens)
     stepped = list(enc.iter_exits(x, lens))
-    assert [e for e, _, _ in stepped] == enc.exits == [2, 4, 6]
-    for (out, olens), (_, sout, slens) in zip(full, stepped):
+    assert len(stepped) == len(enc.exits) == 3
+    for (out, olens), (sout, slens) in zip(full, stepped):
         torch.testing.assert_close(out, sout)
         assert torch.equal(olens, slens)
     partial = enc(x, lens, max_exit=4)

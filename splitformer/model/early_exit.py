@@ -261,10 +261,11 @@ class EarlyExitEncoder(nn.Module):
         return n
 
     def iter_exits(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None
-                   ) -> Iterator[Tuple[int, Tensor, Tensor]]:
-        """Yields ``(exit_layer, out (B, T', D), out_lens)`` one exit at a time.
+                   ) -> Iterator[Tuple[Tensor, Tensor]]:
+        """Yields ``(out (B, T', D), out_lens)`` for ``self.exits[0], self.exits[1], ...`` one at a time: the
+        items of ``forward``, lazily (AsrModel.iter_exits zips them with ``exits``).
 
-        Lazy: the layers of block i+1 run only when the consumer asks for the next item, so a dynamic exit
+        The layers of block i+1 run only when the consumer asks for the next item, so a dynamic exit
         strategy that stops iterating never pays for the layers above its exit.
         """
         n = self.num_exits_upto(max_exit)
@@ -284,11 +285,11 @@ class EarlyExitEncoder(nn.Module):
             branch = self.branches[str(block)] if block in self.split_blocks else None
             if branch is not None:
                 x = branch(block_in, x, lens, self._pos_emb)
-            yield self.exits[block], self.exit_norms[block](x), lens
+            yield self.exit_norms[block](x), lens
 
     def forward(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
         """``[(out (B, T', D), out_lens)]`` for every exit ``<= max_exit`` (all if None), in order."""
-        return [(out, lens) for _, out, lens in self.iter_exits(x, x_lens, max_exit)]
+        return list(self.iter_exits(x, x_lens, max_exit))
 
 
 class Splitformer(EarlyExitEncoder):
