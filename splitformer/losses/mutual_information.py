@@ -1,0 +1,183 @@
+"""The mutual-information recursion behind every RNN-T loss here, in plain PyTorch.
+
+Same contract as ``k2.mutual_information_recursion``: ``px`` is (B, S, T+1) ("regular": vertical moves
+stay on a frame) or (B, S, T) ("modified": a symbol also consumes a frame), ``py`` is (B, S+1, T), and::
+
+    p[b, s_begin, t_begin] = 0
+    regular:  p[b,s,t] = logaddexp(p[b,s-1,t]   + px[b,s-1,t],   p[b,s,t-1] + py[b,s,t-1])
+    modified: p[b,s,t] = logaddexp(p[b,s-1,t-1] + px[b,s-1,t-1], p[b,s,t-1] + py[b,s,t-1])
+    result[b] = p[b, s_end, t_end]
+
+How it is fast without C++: all cells that depend only on the previous "step" are computed at once. For
+"regular" a step is an anti-diagonal s+t=d, for "modified" a frame t. px and py are gathered once into a
+skewed (B, steps, S+1) layout so each step is two adds and one logaddexp over contiguous rows, vectorised
+over batch and s. Each utterance is shifted so that its lattice starts at (0, 0); cells outside its box
+get -inf weights, so one loop serves a batch of different lengths.
+
+The backward pass is a second sweep (beta, from the end) and the gradients are occupation probabilities
+``exp(alpha + weight + beta_next - total)``; no autograd graph is ever built through the loop.
+"""
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+_NEG_INF = float("-inf")
+
+
+class _Layout:
+    """Flat gather indices that map px/py into the skewed step layout, plus where each lattice ends."""
+
+    def __init__(self, B: int, S: int, T: int, regular: bool, boundary: Optional[Tensor], device: torch.device):
+        T1 = T + 1 if regular else T
+        if boundary is None:
+            s_beg = torch.zeros(B, dtype=torch.int64, device=device)
+            t_beg = torch.zeros_like(s_beg)
+            s_len = torch.full_like(s_beg, S)
+            t_len = torch.full_like(s_beg, T)
+        else:
+            s_beg, t_beg, s_end, t_end = boundary.to(device=device, dtype=torch.int64).unbind(1)
+            s_len, t_len = s_end - s_beg, t_end - t_beg
+        self.end_step = t_len if not regular else s_len + t_len  # (B,) step on which each lattice ends
+        self.end_s = s_len  # (B,) local s of the final cell
+        self.num_steps = int(self.end_step.max().item()) if B > 0 else 0
+        N, W = self.num_steps, S + 1
+        d = torch.arange(N, device=device).view(1, N, 1)
+        j = torch.arange(W, device=device).view(1, 1, W)
+        sl, tl = s_len.view(B, 1, 1), t_len.view(B, 1, 1)
+        sb, tb = s_beg.view(B, 1, 1), t_beg.view(B, 1, 1)
+        # Horizontal move (blank / y) on step d leaving cell j: local source (j, t_y).
+        t_y = d.expand(1, N, W) if not regular else d - j
+        ok_y = (t_y >= 0) & (t_y < tl) & (j <= sl)
+        self.idx_py = torch.where(ok_y, (j + sb) * T + (t_y + tb), (S + 1) * T).view(B, N * W)
+        # Symbol move (x) on step d arriving in cell j: local source (j-1, t_x).
+        t_x = d.expand(1, N, W) if not regular else d - j + 1
+        ok_x = (j >= 1) & (j <= sl) & (t_x >= 0) & ((t_x <= tl) if regular else (t_x < tl))
+        self.idx_px = torch.where(ok_x, (j - 1 + sb) * T1 + (t_x + tb), S * T1).view(B, N * W)
+        self.shape = (B, S, T, T1, N, W)
+
+    def skew(self, px: Tensor, py: Tensor) -> Tuple[Tensor, Tensor]:
+        """(B,N,W+1) px (last column -inf, so a shifted view is free) and (B,N,W) py in step layout."""
+        B, S, T, T1, N, W = self.shape
+        pad = px.new_full((B, 1), _NEG_INF)
+        pxs = torch.cat((px.reshape(B, S * T1), pad), 1).gather(1, self.idx_px).view(B, N, W)
+        pxs = torch.cat((pxs, px.new_full((B, N, 1), _NEG_INF)), 2)
+        pys = torch.cat((py.reshape(B, (S + 1) * T), pad), 1).gather(1, self.idx_py).view(B, N, W)
+        return pxs, pys
+
+    def unskew(self, gx: Tensor, gy: Tensor) -> Tuple[Tensor, Tensor]:
+        """Scatter step-layout gradients back to px (B,S,T1) and py (B,S+1,T); padding slots are dropped."""
+        B, S, T, T1, N, W = self.shape
+        px_grad = gx.new_zeros(B, S * T1 + 1).scatter_(1, self.idx_px, gx.reshape(B, N * W))
+        py_grad = gy.new_zeros(B, (S + 1) * T + 1).scatter_(1, self.idx_py, gy.reshape(B, N * W))
+        return px_grad[:, :-1].view(B, S, T1), py_grad[:, :-1].view(B, S + 1, T)
+
+
+def _forward_sweep(pxs: Tensor, pys: Tensor) -> Tensor:
+    """alpha as (B, N+1, W+1): alpha at step d, cell j lives in column j+1 (column 0 is a -inf pad)."""
+    B, N, W = pys.shape
+    alpha = pys.new_full((B, N + 1, W + 1), _NEG_INF)
+    alpha[:, 0, 1] = 0.0
+    for d in range(N):
+        prev = alpha[:, d]
+        torch.logaddexp(prev[:, 1:] + pys[:, d], prev[:, :-1] + pxs[:, d, :W], out=alpha[:, d + 1, 1:])
+    return alpha
+
+
+def _backward_sweep(pxs: Tensor, pys: Tensor, end_step: Tensor, end_s: Tensor) -> Tensor:
+    """beta as (B, N+1, W+1): beta at step d, cell j lives in column j (column W is a -inf pad)."""
+    B, N, W = pys.shape
+    beta = pys.new_full((B, N + 1, W + 1), _NEG_INF)
+    # Each lattice's final cell has no way out (its moves are masked), so its beta is seeded on its step.
+    seeds: Dict[int, List[int]] = {}
+    for b, d in enumerate(end_step.tolist()):
+        seeds.setdefault(d, []).append(b)
+    end_s_list = end_s.tolist()
+
+    def seed(d: int) -> None:
+        for b in seeds.get(d, ()):
+            beta[b, d, end_s_list[b]] = 0.0
+
+    seed(N)
+    for d in range(N - 1, -1, -1):
+        nxt = beta[:, d + 1]
+        torch.logaddexp(nxt[:, :W] + pys[:, d], nxt[:, 1:] + pxs[:, d, 1:], out=beta[:, d, :W])
+        seed(d)
+    return beta
+
+
+def _recursion(px: Tensor, py: Tensor, boundary: Optional[Tensor], need_grad: bool):
+    """Scores (B,) and, if asked, d scores / d (px, py), all without autograd."""
+    B, S, T1 = px.shape
+    T = py.shape[-1]
+    layout = _Layout(B, S, T, T1 == T + 1, boundary, px.device)
+    pxs, pys = layout.skew(px, py)
+    alpha = _forward_sweep(pxs, pys)
+    b_idx = torch.arange(B, device=px.device)
+    scores = alpha[b_idx, layout.end_step, layout.end_s + 1]
+    if not need_grad:
+        return scores, None, None
+    N, W = pys.shape[1:]
+    beta = _backward_sweep(pxs, pys, layout.end_step, layout.end_s)
+    # Impossible lattices (score -inf) have no finite alpha+beta anywhere: their gradient is exactly 0.
+    total = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).view(B, 1, 1)
+    beta_next = beta[:, 1:, :W] - total
+    gy = (alpha[:, :N, 1:] + pys + beta_next).exp_()
+    gx = (alpha[:, :N, :W] + pxs[:, :, :W] + beta_next).exp_()
+    px_grad, py_grad = layout.unskew(gx, gy)
+    return scores, px_grad, py_grad
+
+
+class _ApplyGrads(torch.autograd.Function):
+    """Attaches precomputed occupation probabilities as the gradient of the scores."""
+
+    @staticmethod
+    def forward(ctx, px: Tensor, py: Tensor, scores: Tensor, px_grad: Tensor, py_grad: Tensor) -> Tensor:
+        ctx.save_for_backward(px_grad, py_grad)
+        return scores.clone()
+
+    @staticmethod
+    def backward(ctx, score_grad: Tensor):
+        px_grad, py_grad = ctx.saved_tensors
+        g = score_grad.view(-1, 1, 1)
+        return px_grad * g, py_grad * g, None, None, None
+
+
+def _check(px: Tensor, py: Tensor, boundary: Optional[Tensor]) -> None:
+    if px.ndim != 3 or py.ndim != 3:
+        raise ValueError(f"px and py must be 3-D, got {tuple(px.shape)} and {tuple(py.shape)}")
+    B, S, T1 = px.shape
+    T = py.shape[-1]
+    if T1 not in (T, T + 1) or tuple(py.shape) != (B, S + 1, T):
+        raise ValueError(f"want px (B,S,T+1) or (B,S,T) and py (B,S+1,T); got {tuple(px.shape)}, {tuple(py.shape)}")
+    if px.dtype != py.dtype:
+        raise ValueError(f"px and py dtypes differ: {px.dtype} vs {py.dtype}")
+    if boundary is not None:
+        if tuple(boundary.shape) != (B, 4):
+            raise ValueError(f"boundary must be (B, 4) = ({B}, 4), got {tuple(boundary.shape)}")
+        sb, tb, se, te = boundary.to("cpu", torch.int64).unbind(1)
+        if not ((0 <= sb) & (sb <= se) & (se <= S) & (0 <= tb) & (tb <= te) & (te <= T)).all():
+            raise ValueError(f"boundary rows must satisfy 0<=s_begin<=s_end<={S}, 0<=t_begin<=t_end<={T}")
+
+
+def mutual_information_recursion(
+    px: Tensor,
+    py: Tensor,
+    boundary: Optional[Tensor] = None,
+    return_grad: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tuple[Tensor, Tensor]]]:
+    """Log-sum over all monotonic paths, per utterance (see the module docstring for the recursion).
+
+    Returns ``scores`` (B,), or ``(scores, (px_grad, py_grad))`` with ``return_grad=True``, where the
+    grads are d scores.sum() / d px, d py (occupation probabilities), as k2 returns them.
+    float16/bfloat16 inputs are computed in float32; the scores come back in float32.
+    """
+    _check(px, py, boundary)
+    if px.dtype in (torch.float16, torch.bfloat16):
+        px, py = px.float(), py.float()
+    need_grad = return_grad or (torch.is_grad_enabled() and (px.requires_grad or py.requires_grad))
+    with torch.no_grad():
+        scores, px_grad, py_grad = _recursion(px.detach(), py.detach(), boundary, need_grad)
+    if need_grad and torch.is_grad_enabled() and (px.requires_grad or py.requires_grad):
+        scores = _ApplyGrads.apply(px, py, scores, px_grad, py_grad)
+    return (scores, (px_grad, py_grad)) if return_grad else scores
