@@ -14,8 +14,9 @@ skewed (B, steps, S+1) layout so each step is two adds and one logaddexp over co
 over batch and s. Each utterance is shifted so that its lattice starts at (0, 0); cells outside its box
 get -inf weights, so one loop serves a batch of different lengths.
 
-The backward pass is a second sweep (beta, from the end) and the gradients are occupation probabilities
-``exp(alpha + weight + beta_next - total)``; no autograd graph is ever built through the loop.
+The backward pass is a second sweep from the end, in probability space, that turns local move posteriors
+``exp(alpha[prev] + weight - alpha[next])`` into occupation probabilities of every move: those are the
+gradients. No autograd graph is ever built through the loop.
 """
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -84,26 +85,43 @@ def _forward_sweep(pxs: Tensor, pys: Tensor) -> Tensor:
     return alpha
 
 
-def _backward_sweep(pxs: Tensor, pys: Tensor, end_step: Tensor, end_s: Tensor) -> Tensor:
-    """beta as (B, N+1, W+1): beta at step d, cell j lives in column j (column W is a -inf pad)."""
+def _occupation_sweep(alpha: Tensor, pxs: Tensor, pys: Tensor, end_step: Tensor, end_s: Tensor):
+    """Occupation probabilities of every move, (B,N,W) for x (arriving in cell j) and y (leaving cell j).
+
+    Works backwards in probability space, like a beta sweep but on local ratios: the posterior of each
+    move into a cell, exp(alpha[prev] + weight - alpha[cell]), is a number in [0, 1] whose float32 error does
+    not grow with the lattice size (exp(alpha + weight + beta - total) loses ~|alpha| * eps). Then
+    occupation(move) = occupation(cell it enters) * posterior, and occupation(cell) = sum over its moves out.
+    """
     B, N, W = pys.shape
-    beta = pys.new_full((B, N + 1, W + 1), _NEG_INF)
-    # Each lattice's final cell has no way out (its moves are masked), so its beta is seeded on its step.
+    nxt = alpha[:, 1:, 1:]  # alpha of the cell each move arrives in, (B,N,W)
+    nxt = torch.where(torch.isfinite(nxt), nxt, torch.zeros_like(nxt))  # unreachable cells: posterior 0 below
+    q_x = (alpha[:, :N, :W] + pxs[:, :, :W] - nxt).exp_()
+    # The two posteriors of a cell sum to 1: taking one as the complement keeps the sweep conserving
+    # probability exactly, as k2's C++ does (exp'ing both independently drifts by ~|alpha| * eps per step).
+    y_impossible = torch.isneginf(alpha[:, :N, 1:] + pys)
+    q_y = torch.where(y_impossible, torch.zeros_like(q_x), 1.0 - q_x)
+    gamma = pys.new_zeros(B, N + 1, W + 1)  # occupation of step d, cell j in column j (column W: 0 pad)
     seeds: Dict[int, List[int]] = {}
     for b, d in enumerate(end_step.tolist()):
         seeds.setdefault(d, []).append(b)
     end_s_list = end_s.tolist()
 
     def seed(d: int) -> None:
+        # A lattice's final cell has no moves out inside its box: it is occupied by every path.
         for b in seeds.get(d, ()):
-            beta[b, d, end_s_list[b]] = 0.0
+            gamma[b, d, end_s_list[b]] = 1.0
 
     seed(N)
+    q_x_out = torch.cat((q_x[:, :, 1:], q_x.new_zeros(B, N, 1)), dim=2)  # x move leaving cell j lands in j+1
     for d in range(N - 1, -1, -1):
-        nxt = beta[:, d + 1]
-        torch.logaddexp(nxt[:, :W] + pys[:, d], nxt[:, 1:] + pxs[:, d, 1:], out=beta[:, d, :W])
+        g_next = gamma[:, d + 1]
+        out = gamma[:, d, :W]
+        torch.mul(g_next[:, :W], q_y[:, d], out=out)
+        out.addcmul_(g_next[:, 1:], q_x_out[:, d])
         seed(d)
-    return beta
+    g_arrive = gamma[:, 1:, :W]
+    return q_x.mul_(g_arrive), q_y.mul_(g_arrive)
 
 
 def _recursion(px: Tensor, py: Tensor, boundary: Optional[Tensor], need_grad: bool):
@@ -117,13 +135,12 @@ def _recursion(px: Tensor, py: Tensor, boundary: Optional[Tensor], need_grad: bo
     scores = alpha[b_idx, layout.end_step, layout.end_s + 1]
     if not need_grad:
         return scores, None, None
-    N, W = pys.shape[1:]
-    beta = _backward_sweep(pxs, pys, layout.end_step, layout.end_s)
-    # Impossible lattices (score -inf) have no finite alpha+beta anywhere: their gradient is exactly 0.
-    total = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).view(B, 1, 1)
-    beta_next = beta[:, 1:, :W] - total
-    gy = (alpha[:, :N, 1:] + pys + beta_next).exp_()
-    gx = (alpha[:, :N, :W] + pxs[:, :, :W] + beta_next).exp_()
+    gx, gy = _occupation_sweep(alpha, pxs, pys, layout.end_step, layout.end_s)
+    # Impossible lattices (score -inf) get a zero gradient.
+    dead = ~torch.isfinite(scores)
+    if bool(dead.any()):
+        gx[dead] = 0.0
+        gy[dead] = 0.0
     px_grad, py_grad = layout.unskew(gx, gy)
     return scores, px_grad, py_grad
 
