@@ -25,6 +25,53 @@ def _float32(*xs: Tensor):
     return tuple(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs)
 
 
+_CHUNK_ELEMS = 1 << 22  # rows of logits are normalised this many elements at a time (16 MB temporaries)
+
+
+class _LogProbsAt(torch.autograd.Function):
+    """log_softmax(logits)[..., sym] and log_softmax(logits)[..., blank] without a full-size log_softmax.
+
+    The forward keeps only the (...,) normaliser; the backward writes softmax * -(g_x + g_y) straight into
+    the gradient buffer and adds the two one-hot terms, so the peak is logits + one gradient-sized buffer
+    (logsumexp + gather through autograd needs about three).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, sym: Tensor, blank: int) -> Tuple[Tensor, Tensor]:
+        C = logits.shape[-1]
+        flat = logits.reshape(-1, C)
+        lse = flat.new_empty(flat.shape[0])
+        step = max(1, _CHUNK_ELEMS // max(C, 1))
+        for i in range(0, flat.shape[0], step):
+            torch.logsumexp(flat[i: i + step], dim=1, out=lse[i: i + step])
+        lse = lse.view(logits.shape[:-1])
+        x = torch.gather(logits, -1, sym.unsqueeze(-1)).squeeze(-1) - lse
+        y = logits[..., blank] - lse
+        ctx.save_for_backward(logits, sym, lse)
+        ctx.blank = blank
+        return x, y
+
+    @staticmethod
+    def backward(ctx, g_x: Optional[Tensor], g_y: Optional[Tensor]):
+        logits, sym, lse = ctx.saved_tensors
+        g_x = torch.zeros_like(lse) if g_x is None else g_x
+        g_y = torch.zeros_like(lse) if g_y is None else g_y
+        C = logits.shape[-1]
+        flat = logits.reshape(-1, C)
+        grad = torch.empty_like(flat)
+        lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).reshape(-1, 1)
+        w = (g_x + g_y).neg_().reshape(-1, 1)
+        step = max(1, _CHUNK_ELEMS // max(C, 1))
+        for i in range(0, flat.shape[0], step):
+            chunk = grad[i: i + step]
+            torch.sub(flat[i: i + step], lse_f[i: i + step], out=chunk)
+            chunk.exp_().mul_(w[i: i + step])
+        grad = grad.view(logits.shape)
+        grad.scatter_add_(-1, sym.unsqueeze(-1), g_x.unsqueeze(-1))
+        grad[..., ctx.blank] += g_y
+        return grad, None, None
+
+
 def _validate(S: int, T: int, rnnt_type: str, boundary: Optional[Tensor]) -> None:
     if rnnt_type not in _RNNT_TYPES:
         raise ValueError(f"rnnt_type must be one of {_RNNT_TYPES}, got {rnnt_type!r}")
@@ -209,11 +256,10 @@ def get_rnnt_logprobs_joint(
     if tuple(symbols.shape) != (B, S):
         raise ValueError(f"symbols must be (B,S) = ({B},{S}) to match logits; got {tuple(symbols.shape)}")
     _validate(S, T, rnnt_type, boundary)
-    norm = torch.logsumexp(logits, dim=3).transpose(1, 2)  # (B,S+1,T)
-    sym = torch.gather(logits[:, :, :S], 3, symbols.view(B, 1, S, 1).expand(B, T, S, 1)).squeeze(3)
-    px = sym.transpose(1, 2) - norm[:, :S]
-    py = logits[:, :, :, termination_symbol].transpose(1, 2) - norm
-    return _finish_px_py(px, py, rnnt_type, boundary)
+    # The symbol that leaves cell (t, s) is symbols[s]; for s = S there is none (use blank, then drop row S).
+    padded = torch.cat((symbols, symbols.new_full((B, 1), termination_symbol)), dim=1)  # (B,S+1)
+    x, y = _LogProbsAt.apply(logits, padded.unsqueeze(1).expand(B, T, S1), termination_symbol)  # (B,T,S+1)
+    return _finish_px_py(x[:, :, :S].transpose(1, 2), y.transpose(1, 2), rnnt_type, boundary)
 
 
 def rnnt_loss(
@@ -308,12 +354,10 @@ def get_rnnt_logprobs_pruned(
         raise ValueError(f"ranges must be (B,T,s_range) = ({B},{T},{s_range}), got {tuple(ranges.shape)}")
     S = symbols.shape[1]
     _validate(S, T, rnnt_type, boundary)
-    norm = torch.logsumexp(logits, dim=3)  # (B,T,R)
     # The symbol that leaves cell (s, t) is symbols[s]; for s = S there is none (use blank, then drop row S).
     padded = torch.cat((symbols, symbols.new_full((B, 1), termination_symbol)), dim=1)  # (B,S+1)
     kept_sym = torch.gather(padded.unsqueeze(1).expand(B, T, S + 1), 2, ranges)  # (B,T,R)
-    px_kept = torch.gather(logits, 3, kept_sym.unsqueeze(3)).squeeze(3) - norm
-    py_kept = logits[:, :, :, termination_symbol] - norm
+    px_kept, py_kept = _LogProbsAt.apply(logits, kept_sym, termination_symbol)  # (B,T,R) each
     rows = ranges.transpose(1, 2)  # (B,R,T): the s of each kept cell
     px = logits.new_full((B, S + 1, T), _NEG_INF).scatter(1, rows, px_kept.transpose(1, 2))[:, :S]
     py = logits.new_full((B, S + 1, T), _NEG_INF).scatter(1, rows, py_kept.transpose(1, 2))
