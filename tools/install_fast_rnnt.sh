@@ -27,6 +27,9 @@ if "$PY" -c "import fast_rnnt" 2>/dev/null; then
 fi
 
 start=$(date +%s)
+# --no-build-isolation builds with this environment's setuptools; venvs of Python >= 3.12 have none.
+"$PY" -c "import setuptools, wheel" 2>/dev/null || "$PY" -m pip install -q setuptools wheel
+
 work="$(mktemp -d "${TMPDIR:-/tmp}/fast_rnnt_build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
