@@ -369,3 +369,22 @@ def test_backend_switch(caplog):
         assert losses.get_backend() in ("k2", "fast_rnnt", "torch")
     finally:
         losses.set_backend("auto")
+
+
+@pytest.mark.parametrize("regular", [True, False])
+def test_strided_and_gather_layouts_agree(regular):
+    """The fast as_strided skew (lattices starting at (0, 0)) equals the general index-gather one."""
+    from splitformer.losses.mutual_information import _GatherLayout, _StridedLayout
+
+    g = torch.Generator().manual_seed(18)
+    B, S, T = 4, 6, 9
+    px = torch.randn(B, S, T + regular, generator=g)
+    py = torch.randn(B, S + 1, T, generator=g)
+    for bd in (None, torch.tensor([[0, 0, 6, 9], [0, 0, 3, 9], [0, 0, 6, 7], [0, 0, 0, 6]])):
+        a, b = _GatherLayout(B, S, T, regular, bd, px.device), _StridedLayout(B, S, T, regular, bd, px.device)
+        (ax, ay), (bx, by) = a.skew(px, py), b.skew(px, py)
+        assert torch.equal(ax, bx) and torch.equal(ay, by)
+        gx = torch.where(torch.isfinite(ax[:, :, :-1]), torch.rand(ax[:, :, :-1].shape, generator=g), 0.0)
+        gy = torch.where(torch.isfinite(ay), torch.rand(ay.shape, generator=g), 0.0)
+        for u, v in zip(a.unskew(gx, gy), b.unskew(gx, gy)):
+            assert torch.equal(u, v)
