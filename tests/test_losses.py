@@ -388,3 +388,34 @@ def test_strided_and_gather_layouts_agree(regular):
         gy = torch.where(torch.isfinite(ay), torch.rand(ay.shape, generator=g), 0.0)
         for u, v in zip(a.unskew(gx, gy), b.unskew(gx, gy)):
             assert torch.equal(u, v)
+
+
+def test_icefall_call_sequence_trains_a_tiny_transducer():
+    """The exact keyword calls of icefall's model.py (k2 -> splitformer.losses), with projections to a joiner
+    dim != vocab; a few SGD steps on one batch must lower both losses."""
+    torch.manual_seed(19)
+    B, T, U, V, J = 3, 12, 4, 8, 6
+    enc = torch.randn(B, T, 5)
+    dec_in = torch.randn(B, U + 1, 5)
+    y_padded = torch.randint(1, V, (B, U))
+    boundary = torch.tensor([[0, 0, 4, 12], [0, 0, 2, 9], [0, 0, 3, 10]])
+    am_lin, lm_lin = torch.nn.Linear(5, V), torch.nn.Linear(5, V)
+    enc_proj, dec_proj, out = torch.nn.Linear(5, J), torch.nn.Linear(5, J), torch.nn.Linear(J, V)
+    params = [p for m in (am_lin, lm_lin, enc_proj, dec_proj, out) for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=0.05)
+    history = []
+    for _ in range(15):
+        simple_loss, (px_grad, py_grad) = losses.rnnt_loss_smoothed(
+            lm=lm_lin(dec_in).float(), am=am_lin(enc).float(), symbols=y_padded, termination_symbol=0,
+            lm_only_scale=0.25, am_only_scale=0.0, boundary=boundary, reduction="sum", return_grad=True)
+        ranges = losses.get_rnnt_prune_ranges(px_grad=px_grad, py_grad=py_grad, boundary=boundary, s_range=3)
+        am_pruned, lm_pruned = losses.do_rnnt_pruning(am=enc_proj(enc), lm=dec_proj(dec_in), ranges=ranges)
+        assert am_pruned.shape == lm_pruned.shape == (B, T, 3, J)
+        logits = out(torch.tanh(am_pruned + lm_pruned))
+        pruned_loss = losses.rnnt_loss_pruned(logits=logits.float(), symbols=y_padded, ranges=ranges,
+                                              termination_symbol=0, boundary=boundary, reduction="sum")
+        history.append((simple_loss.item(), pruned_loss.item()))
+        opt.zero_grad()
+        (0.5 * simple_loss + pruned_loss).backward()
+        opt.step()
+    assert history[-1][0] < 0.9 * history[0][0] and history[-1][1] < 0.9 * history[0][1], history
