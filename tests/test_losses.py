@@ -419,3 +419,13 @@ def test_icefall_call_sequence_trains_a_tiny_transducer():
         (0.5 * simple_loss + pruned_loss).backward()
         opt.step()
     assert history[-1][0] < 0.9 * history[0][0] and history[-1][1] < 0.9 * history[0][1], history
+
+
+def test_cuda_tensors_skip_cpu_only_builds():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert losses._has_device(SimpleNamespace(with_cuda=lambda: False), cpu)  # fast_rnnt: a function
+    assert not losses._has_device(SimpleNamespace(with_cuda=lambda: False), cuda)
+    assert losses._has_device(SimpleNamespace(with_cuda=True), cuda)  # k2: a bool
+    assert not losses._has_device(SimpleNamespace(), cuda)
