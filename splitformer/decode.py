@@ -182,13 +182,15 @@ def _run(args: argparse.Namespace) -> int:
     if (sweep or dynamic) and not model.use_ctc:
         raise DecodeSetupError("dynamic exits read the CTC posteriors, but this model has no CTC head")
 
-    from splitformer.data.recipes import get_dataset
+    if args.test_sets:
+        test_sets = [s for s in args.test_sets.split(",") if s]
+    else:
+        from splitformer.data.recipes import get_dataset
 
-    try:
-        info = get_dataset(args.dataset)
-    except ValueError as e:
-        raise DecodeSetupError(str(e)) from None
-    test_sets = args.test_sets.split(",") if args.test_sets else list(info.test_splits)
+        try:
+            test_sets = list(get_dataset(args.dataset).test_splits)
+        except ValueError as e:
+            raise DecodeSetupError(str(e)) from None
     bpe = args.bpe_model or Path(f"data/lang_bpe_{margs.vocab_size}/bpe.model")
     tokenizer = load_tokenizer(bpe)
     out_dir = args.exp_dir / args.decoding_method

@@ -14,6 +14,8 @@ from splitformer.decoding.search import (
     modified_beam_search,
 )
 
+torch.set_num_threads(1)  # the test machines are small and shared
+
 
 class FakeDecoder(nn.Module):
     def __init__(self, vocab: int, dim: int, context_size: int):

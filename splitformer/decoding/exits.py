@@ -111,12 +111,15 @@ def simulate(
 
 
 def sweep_thresholds(traces: Sequence[UttTrace], strategy: str, points: int = 24) -> List[float]:
-    """0, +inf and quantiles of the scores seen, so the curve spans first exit to last exit."""
-    vals = sorted(s for tr in traces for s in (tr.entropy if strategy == "entropy" else tr.confidence))
+    """0, +inf and up to ``points`` thresholds between quantiles of the scores seen, so the curve
+    spans first exit to last exit. Thresholds sit half-way between two distinct observed scores,
+    never on one, so that float noise (e.g. from padding in a batch) cannot flip a decision."""
+    vals = sorted(set(s for tr in traces for s in (tr.entropy if strategy == "entropy" else tr.confidence)))
     qs = {0.0, math.inf}
-    if vals:
+    if len(vals) > 1:
         for k in range(points):
-            qs.add(float(vals[min(len(vals) - 1, round(k * (len(vals) - 1) / max(points - 1, 1)))]))
+            i = min(len(vals) - 2, round(k * (len(vals) - 2) / max(points - 1, 1)))
+            qs.add((vals[i] + vals[i + 1]) / 2)
     return sorted(qs)
 
 
