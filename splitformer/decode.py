@@ -37,7 +37,8 @@ from splitformer.decoding.search import CTC_METHODS, METHODS
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp-dir", type=Path, required=True, help="where epoch-N.pt are; results go under it")
-    p.add_argument("--epoch", type=int, required=True, help="decode with epoch-<epoch>.pt (the last averaged epoch)")
+    p.add_argument("--epoch", type=int, default=0, help="decode with epoch-<epoch>.pt (the last averaged epoch)")
+    p.add_argument("--iter", type=int, default=0, help="decode with checkpoint-<iter>.pt instead (and the avg-1 before it)")
     p.add_argument("--avg", type=int, default=1, help="average epochs epoch-avg+1..epoch")
     p.add_argument("--use-averaged-model", action="store_true",
                    help="use the running average model_avg between the ends of epochs epoch-avg and epoch (icefall's method)")
@@ -103,7 +104,7 @@ def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: floa
 
 
 def run_tag(args: argparse.Namespace, exit_part: str) -> str:
-    tag = f"epoch-{args.epoch}_avg-{args.avg}"
+    tag = f"iter-{args.iter}_avg-{args.avg}" if args.iter > 0 else f"epoch-{args.epoch}_avg-{args.avg}"
     if args.use_averaged_model:
         tag += "_use-averaged-model"
     tag += f"_exit-{exit_part}_{args.decoding_method}"
@@ -113,12 +114,17 @@ def run_tag(args: argparse.Namespace, exit_part: str) -> str:
 
 
 def load_model(args: argparse.Namespace):
-    exp_dir = args.exp_dir
-    last = exp_dir / f"epoch-{args.epoch}.pt"
+    """The architecture from the newest checkpoint used, the weights averaged as asked."""
+    if args.iter > 0:
+        last = args.exp_dir / f"checkpoint-{args.iter}.pt"
+    elif args.epoch > 0:
+        last = args.exp_dir / f"epoch-{args.epoch}.pt"
+    else:
+        raise DecodeSetupError("give --epoch E (>= 1) or --iter N (> 0)")
     ckpt = load_checkpoint_file(last)
     margs = checkpoint_args(ckpt, last)
     del ckpt
-    state = averaged_state(exp_dir, args.epoch, args.avg, args.use_averaged_model)
+    state = averaged_state(args.exp_dir, args.epoch, args.avg, args.use_averaged_model, iteration=args.iter)
     return build_and_load(margs, state, getattr(margs, "vocab_size", None), str(last)), margs
 
 
@@ -197,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     params = count_params(model)
     common = dict(exp_dir=str(args.exp_dir), preset=getattr(margs, "preset", None), method=args.decoding_method,
-                  beam=args.beam_size, epoch=args.epoch, avg=args.avg, use_averaged_model=args.use_averaged_model,
+                  beam=args.beam_size, epoch=args.epoch, iter=args.iter, avg=args.avg, use_averaged_model=args.use_averaged_model,
                   params=params, exits=exits)
 
     for test_set in test_sets:

@@ -14,23 +14,12 @@ class DecodeSetupError(RuntimeError):
 
 
 def load_checkpoint_file(path: Path) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise DecodeSetupError(f"checkpoint {path} does not exist")
+    from splitformer.checkpoint import CheckpointError, load_checkpoint
+
     try:
-        from splitformer.checkpoint import load_checkpoint
-    except ImportError:  # checkpoint I/O not installed yet: same safe load
-        load_checkpoint = None
-    try:
-        if load_checkpoint is not None:
-            ckpt = load_checkpoint(path)
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # CheckpointError, pickle errors, truncated files
-        raise DecodeSetupError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict):
-        raise DecodeSetupError(f"{path} is not a Splitformer checkpoint (expected a dict, got {type(ckpt).__name__})")
-    return ckpt
+        return load_checkpoint(path, required_keys=())
+    except CheckpointError as e:
+        raise DecodeSetupError(str(e)) from e
 
 
 def model_state(ckpt: Dict[str, Any], path: Path, key: str = "model") -> Dict[str, torch.Tensor]:
@@ -41,74 +30,23 @@ def model_state(ckpt: Dict[str, Any], path: Path, key: str = "model") -> Dict[st
     raise DecodeSetupError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(ckpt)) or 'none'})")
 
 
-def _average(states: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            acc = v.double().clone()
-            for s in states[1:]:
-                acc += s[k].double()
-            out[k] = (acc / len(states)).to(v.dtype)
-        else:  # integer buffers (counts): keep the latest
-            out[k] = states[-1][k]
-    return out
+def averaged_state(exp_dir: Path, epoch: int, avg: int, use_averaged_model: bool, iteration: int = 0) -> Dict[str, torch.Tensor]:
+    """Weights to decode with (splitformer.averaging.load_averaged_state, icefall's conventions).
 
-
-def averaged_state(exp_dir: Path, epoch: int, avg: int, use_averaged_model: bool) -> Dict[str, torch.Tensor]:
-    """Weights to decode with.
-
-    - ``avg == 1`` without ``use_averaged_model``: ``epoch-E.pt``'s ``model``.
-    - ``avg > 1``: the plain average of ``model`` over epochs E-A+1..E.
-    - ``use_averaged_model`` (icefall's method): the running average ``model_avg`` restricted to the
-      batches between the end of epoch E-A and the end of epoch E,
-      ``(avg_E * n_E - avg_{E-A} * n_{E-A}) / (n_E - n_{E-A})`` with ``n`` = ``batch_idx_train``.
-      When epoch E-A does not exist (E-A = 0), ``epoch-E.pt``'s ``model_avg`` itself is used.
+    - ``--avg 1``: ``epoch-E.pt``'s ``model``; ``--avg A``: the plain average of ``model`` over
+      epochs E-A+1..E.
+    - ``--use-averaged-model``: the running average ``model_avg`` restricted to the batches between
+      the end of epoch E-A and the end of epoch E,
+      ``(avg_E * n_E - avg_{E-A} * n_{E-A}) / (n_E - n_{E-A})`` with ``n`` = ``batch_idx_train``;
+      with A = E (no epoch 0) that is ``epoch-E.pt``'s ``model_avg`` itself.
     """
-    exp_dir = Path(exp_dir)
-    if epoch < 1 or avg < 1:
-        raise DecodeSetupError(f"--epoch and --avg must be >= 1 (got {epoch}, {avg})")
-    end_path = exp_dir / f"epoch-{epoch}.pt"
-    if not use_averaged_model:
-        first = epoch - avg + 1
-        if first < 1:
-            raise DecodeSetupError(f"--avg {avg} needs epochs {first}..{epoch}, but epochs start at 1")
-        paths = [exp_dir / f"epoch-{e}.pt" for e in range(first, epoch + 1)]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise DecodeSetupError(f"missing checkpoints: {', '.join(missing)}")
-        if len(paths) == 1:
-            return model_state(load_checkpoint_file(paths[0]), paths[0])
-        try:
-            from splitformer.checkpoint import average_checkpoints
-        except ImportError:
-            average_checkpoints = None
-        if average_checkpoints is not None:
-            try:
-                return average_checkpoints(paths)
-            except Exception as e:
-                raise DecodeSetupError(f"cannot average {', '.join(map(str, paths))}: {e}") from e
-        return _average([model_state(load_checkpoint_file(p), p) for p in paths])
+    from splitformer.averaging import load_averaged_state
+    from splitformer.checkpoint import CheckpointError
 
-    end = load_checkpoint_file(end_path)
-    avg_end = model_state(end, end_path, "model_avg")
-    start_epoch = epoch - avg
-    if start_epoch < 1:
-        return avg_end
-    start_path = exp_dir / f"epoch-{start_epoch}.pt"
-    start = load_checkpoint_file(start_path)
-    avg_start = model_state(start, start_path, "model_avg")
-    n_end, n_start = int(end.get("batch_idx_train", 0)), int(start.get("batch_idx_train", 0))
-    if n_end <= n_start:
-        raise DecodeSetupError(
-            f"batch_idx_train does not grow from {start_path} ({n_start}) to {end_path} ({n_end}); cannot use --use-averaged-model"
-        )
-    out = {}
-    for k, v in avg_end.items():
-        if v.is_floating_point():
-            out[k] = ((v.double() * n_end - avg_start[k].double() * n_start) / (n_end - n_start)).to(v.dtype)
-        else:
-            out[k] = v
-    return out
+    try:
+        return load_averaged_state(exp_dir, epoch=epoch, iteration=iteration, avg=avg, use_averaged_model=use_averaged_model)
+    except CheckpointError as e:
+        raise DecodeSetupError(str(e)) from e
 
 
 def checkpoint_args(ckpt: Dict[str, Any], path: Path) -> argparse.Namespace:
