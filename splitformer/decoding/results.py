@@ -1,6 +1,7 @@
 """Results files in icefall's layout: recogs, errs (alignments and error statistics), wer-summary,
 plus a JSON file per test set that ``compare.py`` reads."""
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -106,7 +107,7 @@ def update_results_json(path: Path, entry: Dict) -> None:
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             data = {"runs": {}}
-    data.setdefault("runs", {})[entry["tag"]] = entry
+    data.setdefault("runs", {})[entry["tag"]] = dict(entry, written=time.time())
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)
