@@ -166,7 +166,6 @@ def _run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     model, margs = load_model(args)
-    model.to(device)
     exits = model.exits
     sweep = args.exit_threshold is not None and args.exit_threshold.strip().lower() == "sweep"
     dynamic = args.exit_strategy != "fixed"
@@ -206,11 +205,16 @@ def _run(args: argparse.Namespace) -> int:
                   beam=args.beam_size, epoch=args.epoch, iter=args.iter, avg=args.avg, use_averaged_model=args.use_averaged_model,
                   params=params, exits=exits)
 
+    # MACs per exit (counted on CPU, at each set's mean utterance length) before moving to the device.
+    prepared = []
     for test_set in test_sets:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration)
         audio_s = float(sum(c.duration for c in cuts))
-        ref_seconds = max(0.5, round(audio_s / max(len(cuts), 1), 1))  # MACs counted at the mean length
-        macs = exit_macs(model, seconds=ref_seconds)
+        ref_seconds = max(0.5, round(audio_s / max(len(cuts), 1), 1))
+        prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
+    model.to(device)
+
+    for test_set, loader, audio_s, ref_seconds, macs in prepared:
         json_path = out_dir / f"results-{test_set}.json"
         if sweep or args.exit_layer == "all":
             runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,

@@ -48,6 +48,13 @@ def batch_parts(batch: Dict, device: torch.device) -> Tuple[torch.Tensor, torch.
     return feats, lens, ids, refs, durs
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _words(tokenizer, hyps) -> List[List[str]]:
     return [tokenizer.decode(h.tokens).split() if h.tokens else [] for h in hyps]
 
@@ -62,11 +69,11 @@ def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: in
     run = ExitRun()
     for batch in _bar(loader, desc or f"exit {exit_layer}"):
         feats, lens, ids, refs, _ = batch_parts(batch, device)
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         enc, enc_lens = model.encode(feats, lens, exit_layer=exit_layer)
-        t1 = time.perf_counter()
+        t1 = _clock(device)
         hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
-        t2 = time.perf_counter()
+        t2 = _clock(device)
         run.encoder_seconds += t1 - t0
         run.decode_seconds += t2 - t0
         run.results.extend(zip(ids, refs, _words(tokenizer, hyps)))
@@ -94,17 +101,17 @@ def decode_all_exits(
         enc_time = 0.0
         gen = iter_model_exits(model, feats, lens)
         while True:
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             try:
                 exit_layer, enc, enc_lens = next(gen)
             except StopIteration:
                 break
-            enc_time += time.perf_counter() - t0
+            enc_time += _clock(device) - t0
             run = runs[exit_layer]
-            t1 = time.perf_counter()
+            t1 = _clock(device)
             hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
             run.encoder_seconds += enc_time
-            run.decode_seconds += enc_time + time.perf_counter() - t1
+            run.decode_seconds += enc_time + _clock(device) - t1
             words = _words(tokenizer, hyps)
             run.results.extend(zip(ids, refs, words))
             per_exit_words.append(words)
@@ -138,13 +145,13 @@ def decode_dynamic(
         for i in range(feats.size(0)):
             n = int(lens[i])
             x, x_lens = feats[i:i + 1, :n], lens[i:i + 1]
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             enc_time = 0.0
             gen = iter_model_exits(model, x, x_lens)
             while True:
-                t1 = time.perf_counter()
+                t1 = _clock(device)
                 exit_layer, enc, enc_lens = next(gen)
-                enc_time += time.perf_counter() - t1
+                enc_time += _clock(device) - t1
                 if exit_layer == last:
                     break
                 lp = model.ctc_log_probs(enc, exit_layer)
@@ -152,7 +159,7 @@ def decode_dynamic(
                     break
             gen.close()  # the layers above are not computed
             hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
-            run.decode_seconds += time.perf_counter() - t0
+            run.decode_seconds += _clock(device) - t0
             run.encoder_seconds += enc_time
             run.results.append((ids[i], refs[i], _words(tokenizer, hyps)[0]))
             run.exit_layers.append(exit_layer)
