@@ -129,3 +129,29 @@ def test_missing_checkpoint_and_executable_script(trained_an4, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "epoch-3.pt: no such file" in r.stderr
+
+
+def test_beam_searches_on_the_trained_model(trained_an4):
+    """Beam search never scores below greedy on its own objective; both beam methods run end to end."""
+    import argparse
+
+    from splitformer.decode import load_model, test_loader
+    from splitformer.decoding.search import greedy_search, modified_beam_search
+
+    t = trained_an4
+    args = argparse.Namespace(exp_dir=t["exp"], epoch=2, iter=0, avg=1, use_averaged_model=False)
+    model, _ = load_model(args)
+    loader, _ = test_loader(t["manifests"], "an4", "dev", 15)
+    batch = next(iter(loader))
+    feats, lens = batch["inputs"], batch["supervisions"]["num_frames"]
+    with torch.no_grad():
+        for exit_layer, enc, enc_lens in model.encode_exits(feats, lens):
+            proj = model.project_encoder(enc, exit_layer)
+            g = greedy_search(model, proj, enc_lens)
+            b = modified_beam_search(model, proj, enc_lens, beam=4)
+            assert all(hb.log_prob >= hg.log_prob - 1e-4 for hg, hb in zip(g, b))
+    for method in ("modified_beam_search", "ctc_prefix_beam_search"):
+        assert _decode(t, "--exit-layer", "4", "--max-duration", "15", method=method) == 0
+        tag = f"epoch-2_avg-1_exit-4_{method}_beam-4"
+        assert (t["exp"] / method / f"errs-dev-{tag}.txt").is_file()
+        assert _runs(t, method)[tag]["num_utts"] == 100
