@@ -15,7 +15,6 @@ Writes into ``<exp-dir>/<decoding-method>/``: ``recogs-<set>-<tag>.txt``, ``errs
 ``dynamic-sweep-<set>-<tag>.tsv``.
 """
 import argparse
-import json
 import logging
 import math
 import sys
@@ -29,7 +28,7 @@ import torch
 
 from splitformer.decoding.exits import STRATEGIES, parse_threshold, simulate, sweep_thresholds
 from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args, load_checkpoint_file
-from splitformer.decoding.results import update_results_json, word_error_rate, write_error_stats, write_recogs, write_wer_summary
+from splitformer.decoding.results import update_results_json, word_error_rate, write_error_stats, write_recogs
 from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit
 from splitformer.decoding.search import CTC_METHODS, METHODS
 

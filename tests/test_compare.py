@@ -1,7 +1,5 @@
 """compare.py on synthetic results of three experiments, as decode.py writes them."""
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 from splitformer.compare import main as compare_main

@@ -1,6 +1,5 @@
 """decode.py end to end on AN4 dev with a briefly trained tiny early-exit model."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 
 from splitformer.decode import main as decode_main
 from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args
-from test_decoding_fixture import tiny_args, trained_an4  # noqa: F401  (fixture)
+from test_decoding_fixture import trained_an4  # noqa: F401  (fixture)
 
 torch.set_num_threads(1)  # the test machines are small and shared
 

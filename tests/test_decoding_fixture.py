@@ -139,11 +139,6 @@ def pytest_configure_shared(tmp_path_factory, an4_dir):  # helper for the other 
 
 @pytest.fixture(scope="session")
 def trained_an4(tmp_path_factory, an4_dir):
-    try:
-        import splitformer.model.early_exit  # noqa: F401
-        import splitformer.model.encoder_embed  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"early-exit encoder not available yet: {e}")
     return build_trained_an4(an4_dir, tmp_path_factory.getbasetemp())
 
 

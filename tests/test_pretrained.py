@@ -1,8 +1,6 @@
 """pretrained.py: raw audio of any rate -> training-compatible features -> transcripts; bad input."""
-from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
 import torch
 

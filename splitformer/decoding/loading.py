@@ -2,7 +2,7 @@
 from one epoch, an average of epochs, or the running average training keeps (``model_avg``)."""
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 

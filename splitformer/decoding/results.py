@@ -90,14 +90,6 @@ def write_error_stats(path: Path, test_set: str, results: Sequence[Result]) -> f
     return wer
 
 
-def write_wer_summary(path: Path, rows: Sequence[Tuple[str, float]]) -> None:
-    """rows: (settings tag, WER %), best first, as icefall prints it."""
-    with open(path, "w") as f:
-        f.write("settings\tWER\n")
-        for tag, wer in sorted(rows, key=lambda r: r[1]):
-            f.write(f"{tag}\t{wer:.2f}\n")
-
-
 def update_results_json(path: Path, entry: Dict) -> None:
     """Merges one decoding run into ``results-<set>.json`` (keyed by its tag), so that single-exit
     runs and sweeps accumulate and compare.py can read them all."""

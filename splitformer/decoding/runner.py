@@ -4,10 +4,9 @@ Each loop returns per-utterance results and the seconds it spent, so that the ca
 WER and real-time factors side by side. Times: ``encoder`` is the front end + encoder up to the
 exit; ``decode`` adds the exit's heads and the search (data loading is not counted).
 """
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from tqdm import tqdm
