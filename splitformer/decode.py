@@ -179,6 +179,10 @@ def _run(args: argparse.Namespace) -> int:
         raise DecodeSetupError(f"{args.decoding_method} needs a CTC head, but this model was trained without one")
     if args.decoding_method not in CTC_METHODS and not model.use_transducer:
         raise DecodeSetupError(f"{args.decoding_method} needs the transducer, but this model is CTC-only; use a ctc_* method")
+    if dynamic and args.exit_layer is not None:
+        raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} chooses the exit per utterance; drop --exit-layer")
+    if args.exit_threshold is not None and not sweep and not dynamic:
+        raise DecodeSetupError("--exit-threshold needs --exit-strategy entropy|confidence (or use --exit-threshold sweep)")
     if dynamic and not sweep:
         if args.exit_threshold is None:
             raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs --exit-threshold T (or 'sweep')")

@@ -154,3 +154,12 @@ def test_beam_searches_on_the_trained_model(trained_an4):
         tag = f"epoch-2_avg-1_exit-4_{method}_beam-4"
         assert (t["exp"] / method / f"errs-dev-{tag}.txt").is_file()
         assert _runs(t, method)[tag]["num_utts"] == 100
+
+
+def test_conflicting_exit_flags_are_refused(trained_an4, capsys):
+    assert _decode(trained_an4, "--exit-layer", "2", "--exit-strategy", "entropy", "--exit-threshold", "1") == 2
+    assert "drop --exit-layer" in capsys.readouterr().err
+    assert _decode(trained_an4, "--exit-threshold", "0.5") == 2
+    assert "needs --exit-strategy" in capsys.readouterr().err
+    assert _decode(trained_an4, "--exit-strategy", "confidence") == 2
+    assert "needs --exit-threshold" in capsys.readouterr().err
