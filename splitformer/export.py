@@ -22,6 +22,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 from splitformer.model.config import str2bool  # noqa: E402
 from splitformer.onnx_export import (  # noqa: E402
+    DEFAULT_MAX_FRAMES,
     DEFAULT_OPSET,
     ExportError,
     export_model,
@@ -46,6 +47,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write dynamically int8-quantized *.int8.onnx files")
     p.add_argument("--onnx", type=str2bool, default=True, help="write the ONNX files")
     p.add_argument("--pretrained", type=str2bool, default=True, help="write pretrained.pt (weights + model flags)")
+    p.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES,
+                   help="longest input (10 ms frames) the encoders must take; Zipformer layers' position tables grow with it")
     p.add_argument("--check", type=str2bool, default=True, help="compare every ONNX file with PyTorch after export")
     return p
 
@@ -66,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         if args.onnx:
             exits = parse_exits(args.exit_layer, model.exits)
             res = export_model(model, flags, out_dir, exits, opset=args.opset, int8=args.int8, tokens=args.tokens,
-                               check=args.check)
+                               check=args.check, max_frames=args.max_frames)
             written += list(res.files.values())
         if args.pretrained:
             p = save_pretrained(out_dir / "pretrained.pt", state, flags)

@@ -24,6 +24,7 @@ on two other input lengths right after export.
 """
 import contextlib
 import logging
+import math
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from splitformer.model.asr_model import AsrModel
 
 FEATURE_DIM = 80
 DEFAULT_OPSET = 17
+DEFAULT_MAX_FRAMES = 12000  # 2 minutes of 10 ms frames
 MODEL_AUTHOR = "splitformer"
 
 
@@ -181,6 +183,49 @@ def example_features(model: AsrModel, seed: int = 0) -> Tuple[Tensor, Tensor]:
     return x, torch.tensor([t, t * 5 // 8], dtype=torch.int64)
 
 
+def extend_positional_tables(model: AsrModel, max_frames: int) -> Dict[str, int]:
+    """Grow every cached relative-position table so that inputs of up to ``max_frames`` feature frames fit.
+
+    Zipformer's CompactRelPositionalEncoding keeps a table (1000 frames by default) that it extends in
+    Python when a longer input comes; a traced graph bakes the table in as a constant, so it must be
+    long enough before tracing. Each table is sized for the frame rate its module actually runs at
+    (found with hooks on one forward pass). Returns module name -> frames now covered.
+    """
+    try:
+        from splitformer.model.zipformer import CompactRelPositionalEncoding
+    except ImportError:
+        return {}
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, CompactRelPositionalEncoding)}
+    if not mods:
+        return {}
+    # the length each table sees is (up to rounding) linear in the input length: measure it at two lengths
+    t1 = example_lengths(model)
+    t2 = t1 + 64
+    seen: Dict[int, Dict[str, int]] = {t1: {}, t2: {}}
+
+    def record(t: int, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Tuple[Tensor, ...]) -> None:  # returns None: inputs unchanged
+            seen[t].setdefault(name, int(inputs[0].shape[0]))  # the first call runs at the module's top rate
+        return hook
+
+    for t in (t1, t2):
+        hooks = [m.register_forward_pre_hook(record(t, n)) for n, m in mods.items()]
+        try:
+            with torch.no_grad():
+                model.encode(torch.zeros(1, t, FEATURE_DIM), torch.tensor([t]))
+        finally:
+            for h in hooks:
+                h.remove()
+    covered = {}
+    for n, s1 in seen[t1].items():
+        rate = (seen[t2][n] - s1) / (t2 - t1)
+        frames = int(math.ceil(s1 + rate * (max_frames - t1))) + 4  # + slack for the front ends' rounding
+        with torch.no_grad():
+            mods[n](torch.zeros(frames, 1, 1))
+        covered[n] = frames
+    return covered
+
+
 # ---------------------------------------------------------------- ONNX helpers
 def add_metadata(path: Path, meta: Mapping[str, Any]) -> None:
     """Write ``meta`` (values as strings) into the model's ``metadata_props``, replacing keys already there."""
@@ -291,22 +336,23 @@ def common_metadata(model: AsrModel, args: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def export_encoder(model: AsrModel, args: Mapping[str, Any], exit_layer: int, path: Path, opset: int,
-                   example: Tuple[Tensor, Tensor]) -> Path:
+                   example: Tuple[Tensor, Tensor], extra_meta: Optional[Mapping[str, Any]] = None) -> Path:
     _export(EncoderExit(model, exit_layer).eval(), example, path, ["x", "x_lens"], ["encoder_out", "encoder_out_lens"],
             _feature_axes("encoder_out", "encoder_out_lens"), opset)
     add_metadata(path, dict(common_metadata(model, args), model_type="zipformer2", exit_layer=exit_layer,
                             context_size=model.decoder.context_size, joiner_dim=model.joiner.output_linear.in_features,
                             comment=f"non-streaming {architecture_name(args)} encoder up to layer {exit_layer}, "
-                                    "output projected for the shared joiner"))
+                                    "output projected for the shared joiner", **(extra_meta or {})))
     return path
 
 
 def export_ctc(model: AsrModel, args: Mapping[str, Any], exit_layer: int, path: Path, opset: int,
-               example: Tuple[Tensor, Tensor]) -> Path:
+               example: Tuple[Tensor, Tensor], extra_meta: Optional[Mapping[str, Any]] = None) -> Path:
     _export(CtcExit(model, exit_layer).eval(), example, path, ["x", "x_lens"], ["log_probs", "log_probs_len"],
             _feature_axes("log_probs", "log_probs_len"), opset)
     add_metadata(path, dict(common_metadata(model, args), model_type="zipformer2_ctc", exit_layer=exit_layer,
-                            comment=f"non-streaming {architecture_name(args)} CTC model, exit after layer {exit_layer}"))
+                            comment=f"non-streaming {architecture_name(args)} CTC model, exit after layer {exit_layer}",
+                            **(extra_meta or {})))
     return path
 
 
@@ -333,9 +379,13 @@ def quantize_int8(path: Path) -> Path:
 
     out = path.with_name(path.stem + ".int8.onnx")
     meta = read_metadata(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(str(path), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # the quantizer logs a line per tensor it leaves in float
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(path), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     add_metadata(out, dict(meta, quantization="dynamic-int8"))  # keep the metadata whatever the quantizer copies
     return out
 
@@ -375,9 +425,16 @@ def count_tokens(tokens: Path) -> int:
 
 def export_model(model: AsrModel, args: Mapping[str, Any], out_dir: Path, exits: Sequence[int], opset: int = DEFAULT_OPSET,
                  int8: bool = False, tokens: Optional[Path] = None, check: bool = True, tolerance: float = 1e-3,
-                 log: Callable[[str], None] = logging.info) -> ExportResult:
-    """Export ``model`` (eval mode is set here) for ``exits`` into ``out_dir``; see the module docstring."""
+                 max_frames: int = DEFAULT_MAX_FRAMES, log: Callable[[str], None] = logging.info) -> ExportResult:
+    """Export ``model`` (eval mode is set here) for ``exits`` into ``out_dir``; see the module docstring.
+
+    ``max_frames``: the longest input (feature frames, 100 per second) the encoders must accept; only
+    Zipformer-layer models have such a limit (their position tables grow the files by ~0.2 MB per 1000 frames
+    per table at 50 Hz).
+    """
     model.eval()
+    # only models with a length limit get max_frames in their metadata
+    extra = {"max_frames": max_frames} if extend_positional_tables(model, max_frames) else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokens is not None:
@@ -402,10 +459,10 @@ def export_model(model: AsrModel, args: Mapping[str, Any], out_dir: Path, exits:
 
     for e in exits:
         if model.use_transducer:
-            p = export_encoder(model, args, e, out_dir / f"encoder-exit{e}.onnx", opset, example)
+            p = export_encoder(model, args, e, out_dir / f"encoder-exit{e}.onnx", opset, example, extra)
             record(p.stem, p, EncoderExit(model, e))
         if model.use_ctc:
-            p = export_ctc(model, args, e, out_dir / f"ctc-exit{e}.onnx", opset, example)
+            p = export_ctc(model, args, e, out_dir / f"ctc-exit{e}.onnx", opset, example, extra)
             record(p.stem, p, CtcExit(model, e))
     if model.use_transducer:
         res.files["decoder"] = export_decoder(model, out_dir / "decoder.onnx", opset)

@@ -158,6 +158,20 @@ def test_onnx_matches_torch_at_two_lengths(exported, kind):
             assert o2[0].shape[1] < o[0].shape[1] and o2[0].shape[0] == 1  # time and batch axes are really dynamic
 
 
+def test_inputs_up_to_max_frames_fit_the_position_tables(exported, tmp_path):
+    """Zipformer's position table covers 1000 frames at each stack's rate unless export extends it."""
+    _skip_if_missing("zipformer2")
+    model, out, _ = exported("zipformer2")
+    assert read_metadata(out / "ctc-exit3.onnx")["max_frames"] == "12000"  # the default: 2 minutes
+    torch.manual_seed(0)
+    args = default_model_args(**dict(TINY["zipformer2"], use_transducer=False))
+    small = build_model(args, VOCAB)
+    res = export_model(small, vars(args), tmp_path, small.exits, max_frames=2400, check=False, log=lambda s: None)
+    assert read_metadata(res.files["ctc-exit3"])["max_frames"] == "2400"
+    # 2400 frames run the first stack at 1196 frames, past the 1000 of the untouched table
+    assert compare_features_model(res.files["ctc-exit3"], CtcExit(small, 3), [[2400, 1100]], seed=5) < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["ee-conformer", "splitformer-zip"])
 def test_lower_exit_runs_fewer_layers(exported, kind):
     model, out, _ = exported(kind)
@@ -240,6 +254,7 @@ def test_metadata_and_file_set(exported):
     assert enc["exit_layer"] == "2" and enc["exits"] == "2,4" and enc["vocab_size"] == str(VOCAB)
     assert enc["context_size"] == "2" and enc["model_type"] == "zipformer2" and enc["architecture"] == "early-exit-conformer"
     assert enc["subsampling_factor"] == "4" and enc["joiner_dim"] == "32"
+    assert "max_frames" not in enc  # conformer positions have no length limit
     ctc = read_metadata(out / "ctc-exit4.onnx")
     assert ctc["model_type"] == "zipformer2_ctc" and ctc["exit_layer"] == "4" and ctc["blank_id"] == "0"
     assert read_metadata(out / "decoder.onnx")["context_size"] == "2"
