@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Export a trained early-exit model to ONNX (one encoder per exit, shared decoder/joiner) and/or pretrained.pt.
 
-    ./splitformer/export.py --exp-dir exp/splitformer --epoch 30 --avg 5 --use-averaged-model true \\
+    ./splitformer/export.py --exp-dir exp/splitformer --epoch 30 --avg 5 --use-averaged-model \\
         --exit-layer all --tokens data/lang_bpe_256/tokens.txt [--int8] [--output-dir DIR]
 
 Writes into ``--output-dir`` (default ``<exp-dir>/onnx``), for every exit N asked for:
 ``encoder-exitN.onnx`` (features -> joiner-ready encoder output; only layers <= N run) and
 ``ctc-exitN.onnx`` (features -> CTC log-probs), plus ``decoder.onnx``, ``joiner.onnx`` (shared by all exits),
 ``tokens.txt``, ``*.int8.onnx`` with ``--int8``, and ``pretrained.pt`` (averaged weights + model flags) with
-``--pretrained``. ``--onnx false --pretrained true`` writes only ``pretrained.pt``.
+``--pretrained true`` (the default). ``--onnx false`` writes only ``pretrained.pt``. Zipformer-layer encoders
+accept inputs of up to ``--max-frames`` frames (default 12000, two minutes).
 See splitformer/onnx_export.py for the exact inputs, outputs and metadata of each file.
 """
 import argparse
@@ -38,8 +39,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, default=0, help="use epoch-E.pt (and earlier ones with --avg)")
     p.add_argument("--iter", type=int, default=0, help="use checkpoint-B.pt with B <= ITER instead of epochs")
     p.add_argument("--avg", type=int, default=1, help="average this many checkpoints ending at --epoch/--iter")
-    p.add_argument("--use-averaged-model", type=str2bool, default=False,
-                   help="average with the running model_avg between the checkpoints (icefall's method)")
+    p.add_argument("--use-averaged-model", type=str2bool, nargs="?", const=True, default=False,
+                   help="average with the running model_avg between the checkpoints (icefall's method); "
+                        "a bare flag as in decode.py, or true/false")
     p.add_argument("--exit-layer", type=str, default="all", help="'all' or comma-separated exit layers, e.g. 4,12")
     p.add_argument("--output-dir", type=Path, default=None, help="where to write (default: <exp-dir>/onnx)")
     p.add_argument("--tokens", type=Path, default=None, help="tokens.txt of the lang dir, copied next to the models")

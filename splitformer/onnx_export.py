@@ -20,7 +20,17 @@ needs the ``onnxscript`` package, which the legacy path does not. Tracing record
 branches, so the example input is chosen to take the general path everywhere (a padded utterance in the
 batch, odd lengths at every downsampling), and two ``as_strided`` relative-shift helpers are swapped for
 gather-based equivalents while tracing (ONNX has no strided views). Every file is checked against PyTorch
-on two other input lengths right after export.
+on other input lengths right after export.
+
+Zipformer layers look up relative positions in a cached table that the traced graph holds as a constant,
+so their files accept inputs up to ``max_frames`` feature frames (default two minutes; metadata
+``max_frames``); Conformer layers compute positions on the fly and have no such limit.
+
+Metadata (``metadata_props``) of the encoder and CTC files: ``model_type`` (``zipformer2`` /
+``zipformer2_ctc``: the sherpa-onnx I/O contract, whatever the layers), ``architecture`` (e.g.
+``splitformer-zipformer``), ``exit_layer``, ``exits``, ``vocab_size``, ``blank_id``, ``context_size``,
+``joiner_dim``, ``feature_dim``, ``subsampling_factor``, ``version``, ``model_author``, ``comment``;
+``decoder.onnx``: ``context_size``, ``vocab_size``; ``joiner.onnx``: ``joiner_dim``, ``vocab_size``.
 """
 import contextlib
 import logging

@@ -319,11 +319,20 @@ def test_use_averaged_model_and_errors(tmp_path):
     from splitformer.export import main
 
     exp = make_exp_dir(tmp_path, "ee-conformer")
-    written = main(["--exp-dir", str(exp), "--epoch", "2", "--avg", "1", "--use-averaged-model", "true", "--onnx", "false"])
+    written = main(["--exp-dir", str(exp), "--epoch", "2", "--avg", "1", "--use-averaged-model", "--onnx", "false"])
     assert [p.name for p in written] == ["pretrained.pt"]
     ref = load_averaged_state(exp, epoch=2, avg=1, use_averaged_model=True)
     got = load_checkpoint(written[0])["model"]
     assert all(torch.equal(got[k], ref[k].float()) for k in ref)
+    # --iter N --avg A: the A newest checkpoint-B.pt with B <= N
+    for b, e in ((100, 1), (200, 2), (300, 2)):
+        (exp / f"checkpoint-{b}.pt").write_bytes((exp / f"epoch-{e}.pt").read_bytes())
+    written = main(["--exp-dir", str(exp), "--iter", "250", "--avg", "2", "--onnx", "false", "--output-dir", str(tmp_path / "it")])
+    got = load_checkpoint(written[0])["model"]
+    ref = average_checkpoints([exp / "epoch-1.pt", exp / "epoch-2.pt"])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(SystemExit, match="exactly one of --epoch E or --iter N"):
+        main(["--exp-dir", str(exp), "--epoch", "2", "--iter", "200"])
     with pytest.raises(SystemExit, match="exits after layers 2, 4"):
         main(["--exp-dir", str(exp), "--epoch", "2", "--exit-layer", "3", "--pretrained", "false"])
     with pytest.raises(SystemExit, match="epoch-0.pt"):
