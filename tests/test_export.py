@@ -261,12 +261,18 @@ def test_metadata_and_file_set(exported):
     assert read_metadata(out / "joiner.onnx")["vocab_size"] == str(VOCAB)
 
 
-def test_ctc_only_model_gets_only_ctc_files(tmp_path):
+def test_ctc_only_splitformer_paper_gets_only_ctc_files(tmp_path):
+    """The papers' CTC-only Splitformer (frame-dropping branches summed in) exports CTC models only."""
     _skip_if_missing("ee-conformer")
-    args = default_model_args(**dict(TINY["ee-conformer"], use_transducer=False, num_encoder_layers="2", exit_layers="1,2"))
+    torch.manual_seed(0)
+    args = default_model_args(**dict(TINY["ee-conformer"], preset="splitformer-paper", use_transducer=False,
+                                     num_encoder_layers="2", exit_layers="1,2", split_blocks="0,1"))
     model = build_model(args, VOCAB)
-    res = export_model(model, vars(args), tmp_path, [1], log=lambda s: None)
-    assert sorted(res.files) == ["ctc-exit1"] and res.max_diffs["ctc-exit1"] < 1e-4
+    assert sorted(model.encoder.branches) == ["0", "1"] and model.encoder.branches["0"].downsample.mode == "drop"
+    res = export_model(model, vars(args), tmp_path, [1, 2], log=lambda s: None)
+    assert sorted(res.files) == ["ctc-exit1", "ctc-exit2"]
+    assert max(res.max_diffs.values()) < 1e-4  # checked at export over 4 batches of other lengths
+    assert read_metadata(res.files["ctc-exit2"])["architecture"] == "splitformer-conformer"
 
 
 def test_int8_files_run_and_are_smaller(exported, tmp_path):
