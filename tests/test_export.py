@@ -356,3 +356,58 @@ def test_parse_exits():
         parse_exits("5", [2, 4, 6])
     with pytest.raises(ExportError, match="comma-separated"):
         parse_exits("top", [2, 4, 6])
+
+
+def _knf_features(wave: np.ndarray, sr: int) -> np.ndarray:
+    """80-dim fbank as sherpa-onnx computes it for offline models (no dither, no edge snipping)."""
+    knf = pytest.importorskip("kaldi_native_fbank")
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0
+    opts.frame_opts.snip_edges = False
+    opts.frame_opts.samp_freq = sr
+    opts.mel_opts.num_bins = 80
+    opts.mel_opts.low_freq = 20
+    opts.mel_opts.high_freq = -400
+    fb = knf.OnlineFbank(opts)
+    fb.accept_waveform(sr, wave.tolist())
+    fb.input_finished()
+    return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])[None].astype(np.float32)
+
+
+def test_sherpa_onnx_runs_the_exported_files_and_agrees(exported, tmp_path):
+    """sherpa-onnx (optional) loads encoder/decoder/joiner and the CTC model and decodes as our greedy search does."""
+    sherpa_onnx = pytest.importorskip("sherpa_onnx")
+    model, out, _ = exported("splitformer-zip")
+    syms = ["<blk>", "<sos/eos>", "<unk>"] + [f"\u2581w{i}" for i in range(3, VOCAB)]
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(f"{s} {i}\n" for i, s in enumerate(syms)), encoding="utf-8")
+    sr = 16000
+    wave = (0.1 * np.random.RandomState(0).randn(2 * sr)).astype(np.float32)
+    feats = _knf_features(wave, sr)
+    feat_lens = np.array([feats.shape[1]], dtype=np.int64)
+
+    def text(ids):
+        return "".join(syms[i] for i in ids).replace("\u2581", " ").strip()
+
+    def sherpa_text(rec) -> str:
+        s = rec.create_stream()
+        s.accept_waveform(sr, wave)
+        rec.decode_stream(s)
+        return s.result.text.strip()
+
+    e = model.exits[0]
+    ctc = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(model=str(out / f"ctc-exit{e}.onnx"), tokens=str(tokens),
+                                                           num_threads=1)
+    lp, lp_lens = ort_session(out / f"ctc-exit{e}.onnx").run(None, {"x": feats, "x_lens": feat_lens})
+    ours = ctc_greedy(lp, lp_lens)[0]
+    assert ours and sherpa_text(ctc) == text(ours)
+
+    rnnt = sherpa_onnx.OfflineRecognizer.from_transducer(
+        encoder=str(out / f"encoder-exit{e}.onnx"), decoder=str(out / "decoder.onnx"), joiner=str(out / "joiner.onnx"),
+        tokens=str(tokens), num_threads=1, decoding_method="greedy_search")
+    enc, enc_lens = ort_session(out / f"encoder-exit{e}.onnx").run(None, {"x": feats, "x_lens": feat_lens})
+    dec_s, join_s = ort_session(out / "decoder.onnx"), ort_session(out / "joiner.onnx")
+    hyp = transducer_greedy(enc[0], int(enc_lens[0]), lambda y: dec_s.run(None, {"y": y})[0],
+                            lambda a, b: join_s.run(None, {"encoder_out": a, "decoder_out": b})[0],
+                            model.decoder.context_size)
+    assert hyp and sherpa_text(rnnt) == text(hyp)
