@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Stage 1 for corpora that lhotse has recipes for (LibriSpeech, mini LibriSpeech, TED-LIUM 3).
+
+Runs lhotse's `prepare_librispeech` / `prepare_tedlium` and writes the result under our names,
+`<manifest-dir>/<dataset>_{recordings,supervisions}_<split>.jsonl.gz`, for local/make_cuts.py to check.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+from lhotse import SupervisionSet, fastcopy
+
+from prep_utils import add_repo_to_path, atomic_to_file, die_empty, setup_logging
+
+add_repo_to_path()
+from splitformer.data import use_soundfile_for_sphere  # noqa: E402
+from splitformer.data.recipes import get_dataset  # noqa: E402
+
+log = logging.getLogger("prepare")
+
+
+def run_lhotse_recipe(dataset: str, corpus_dir: Path, splits: List[str], num_jobs: int) -> Dict[str, dict]:
+    if dataset in ("librispeech", "mini_librispeech"):
+        from lhotse.recipes import prepare_librispeech
+
+        missing = [s for s in splits if not (corpus_dir / s).is_dir()]
+        if missing:
+            die_empty(f"{corpus_dir} lacks the {dataset} parts {missing}: each must be a directory "
+                      "speaker/chapter/*.flac with *.trans.txt")
+        return prepare_librispeech(corpus_dir, dataset_parts=splits, num_jobs=num_jobs)
+    if dataset == "tedlium3":
+        from lhotse.recipes import prepare_tedlium
+
+        # "kaldi" drops <unk> and [NOISE] marks and re-attaches split contractions (they 're -> they're)
+        return prepare_tedlium(corpus_dir, dataset_parts=splits, num_jobs=num_jobs, normalize_text="kaldi")
+    raise SystemExit(f"lhotse_recipes.py does not handle dataset {dataset!r}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--corpus-dir", type=Path, required=True)
+    p.add_argument("--manifest-dir", type=Path, required=True)
+    p.add_argument("--num-jobs", type=int, default=1)
+    args = p.parse_args()
+    setup_logging()
+    use_soundfile_for_sphere()
+    corpus_dir = args.corpus_dir.resolve()
+    splits = get_dataset(args.dataset).all_splits()
+    manifests = run_lhotse_recipe(args.dataset, corpus_dir, splits, args.num_jobs)
+    for split in splits:
+        if split not in manifests:
+            die_empty(f"lhotse found no {args.dataset} {split!r} data under {corpus_dir}")
+        recs, sups = manifests[split]["recordings"], manifests[split]["supervisions"]
+        sups = SupervisionSet.from_segments(fastcopy(s, text=" ".join((s.text or "").split())) for s in sups)
+        atomic_to_file(recs, args.manifest_dir / f"{args.dataset}_recordings_{split}.jsonl.gz")
+        atomic_to_file(sups, args.manifest_dir / f"{args.dataset}_supervisions_{split}.jsonl.gz")
+        log.info("%s %s: %d recordings, %d segments", args.dataset, split, len(recs), len(sups))
+
+
+if __name__ == "__main__":
+    main()
