@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -204,11 +205,16 @@ class AsrDataModule:
         return PrecomputedFeatures()
 
     def _sampler(self, cuts: CutSet, shuffle: bool, drop_last: bool, world_size: int, rank: int, seed: int):
-        if self.args.bucketing_sampler:
-            return DynamicBucketingSampler(
-                cuts, max_duration=self.args.max_duration, shuffle=shuffle, num_buckets=self.args.num_buckets,
-                drop_last=drop_last, world_size=world_size, rank=rank, seed=seed,
-            )
+        num_buckets = self.args.num_buckets
+        if not cuts.is_lazy:  # a small in-memory set: no more buckets than pairs of cuts
+            num_buckets = min(num_buckets, len(cuts) // 2)
+        if self.args.bucketing_sampler and num_buckets >= 2:
+            with warnings.catch_warnings():  # its advice about lazy manifests does not apply to small sets
+                warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+                return DynamicBucketingSampler(
+                    cuts, max_duration=self.args.max_duration, shuffle=shuffle, num_buckets=num_buckets,
+                    drop_last=drop_last, world_size=world_size, rank=rank, seed=seed,
+                )
         return SimpleCutSampler(
             cuts, max_duration=self.args.max_duration, shuffle=shuffle, drop_last=drop_last,
             world_size=world_size, rank=rank, seed=seed,
