@@ -19,7 +19,8 @@ while [ $# -gt 0 ]; do
 done
 
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c "import lhotse, sentencepiece" 2>/dev/null; then
+# find_spec, not import: importing lhotse costs a second or two
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('lhotse', 'sentencepiece', 'soundfile')))" 2>/dev/null; then
   # no ready environment: make/reuse the project's virtualenv the way run.sh does
   pushd "$root" >/dev/null
   # shellcheck disable=SC1091

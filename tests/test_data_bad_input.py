@@ -181,3 +181,25 @@ def test_not_an_an4_copy(tmp_path):
     proc = run_prepare(tmp_path / "nowhere", tmp_path / "data")
     assert proc.returncode != 0
     assert "nowhere" in proc.stderr
+
+
+def test_speed_perturbation(bad_run, tmp_path):
+    """Stage 2 on the small corpus: 0.9x and 1.1x copies of the training cuts get their own features."""
+    import shutil
+
+    data, _, _, info = bad_run
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    proc = run_prepare(Path(info["corpus"]), copy, "--vocab-size", "28", "--speed-perturb", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Stage 2: speed perturbation 0.9/1.1" in proc.stdout
+    assert "Stage 3: 80-dim fbank features\n" in proc.stdout  # settings changed: features redone
+    train = load_manifest(copy / "fbank" / "an4_cuts_train.jsonl.gz")
+    assert len(train) == 3 * 8
+    base = next(c for c in train if "_sp" not in c.id)
+    for f in (0.9, 1.1):
+        sp = train[f"{base.id}_sp{f}"]
+        assert abs(sp.duration - base.duration / f) < 0.02
+        assert abs(sp.num_frames - base.num_frames / f) <= 2
+        assert np.isfinite(sp.load_features()).all()
+    assert len(load_manifest(copy / "fbank" / "an4_cuts_dev.jsonl.gz")) == 100  # only training is perturbed
