@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Dict, List
+from collections import defaultdict
+from typing import Dict, List, Tuple
 
 from lhotse import SupervisionSet, fastcopy
 
-from prep_utils import add_repo_to_path, atomic_to_file, die_empty, setup_logging
+from prep_utils import add_repo_to_path, atomic_to_file, die_empty, record_rejects, setup_logging
 
 add_repo_to_path()
 from splitformer.data import use_soundfile_for_sphere  # noqa: E402
@@ -22,7 +23,44 @@ from splitformer.data.recipes import get_dataset  # noqa: E402
 log = logging.getLogger("prepare")
 
 
-def run_lhotse_recipe(dataset: str, corpus_dir: Path, splits: List[str], num_jobs: int) -> Dict[str, dict]:
+def tolerant_librispeech_lines(problems: Dict[str, List[Tuple[str, str]]]) -> None:
+    """Make lhotse's LibriSpeech recipe report bad lines/files instead of dying or dropping them quietly.
+
+    lhotse parses each `*.trans.txt` line with `parse_utterance`, which raises on a line without text or
+    on an unreadable file, and returns None (with only a log line) when the file is missing. Wrapping it
+    turns each of those into a reject for `<split>_rejected.txt` while the rest of the part goes on.
+    """
+    import lhotse.recipes.librispeech as L
+
+    original = L.parse_utterance
+
+    def parse(split_path: Path, line: str, alignments):
+        fields = line.split()
+        if not fields:
+            return None  # blank line
+        uid = fields[0]
+        where = Path(split_path) / Path(uid.replace("-", "/")).parent
+        if len(fields) == 1:
+            problems[Path(split_path).name].append((uid, f"{where}: transcript line for {uid} has no text"))
+            return None
+        audio = where / f"{uid}.flac"
+        try:
+            result = original(split_path, line, alignments)
+        except Exception as e:
+            reason = f"zero-length audio file {audio}" if audio.is_file() and audio.stat().st_size == 0 else \
+                f"unreadable audio file {audio}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            problems[Path(split_path).name].append((uid, reason))
+            return None
+        if result is None:
+            problems[Path(split_path).name].append((uid, f"missing audio file {audio}"))
+        return result
+
+    L.parse_utterance = parse
+
+
+def run_lhotse_recipe(
+    dataset: str, corpus_dir: Path, splits: List[str], num_jobs: int, problems: Dict[str, List[Tuple[str, str]]]
+) -> Dict[str, dict]:
     if dataset in ("librispeech", "mini_librispeech"):
         from lhotse.recipes import prepare_librispeech
 
@@ -30,6 +68,7 @@ def run_lhotse_recipe(dataset: str, corpus_dir: Path, splits: List[str], num_job
         if missing:
             die_empty(f"{corpus_dir} lacks the {dataset} parts {missing}: each must be a directory "
                       "speaker/chapter/*.flac with *.trans.txt")
+        tolerant_librispeech_lines(problems)
         return prepare_librispeech(corpus_dir, dataset_parts=splits, num_jobs=num_jobs)
     if dataset == "tedlium3":
         from lhotse.recipes import prepare_tedlium
@@ -44,14 +83,17 @@ def main() -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--corpus-dir", type=Path, required=True)
     p.add_argument("--manifest-dir", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, required=True, help="where <split>_rejected.txt go")
     p.add_argument("--num-jobs", type=int, default=1)
     args = p.parse_args()
     setup_logging()
     use_soundfile_for_sphere()
     corpus_dir = args.corpus_dir.resolve()
     splits = get_dataset(args.dataset).all_splits()
-    manifests = run_lhotse_recipe(args.dataset, corpus_dir, splits, args.num_jobs)
+    problems: Dict[str, List[Tuple[str, str]]] = defaultdict(list)
+    manifests = run_lhotse_recipe(args.dataset, corpus_dir, splits, args.num_jobs, problems)
     for split in splits:
+        record_rejects(args.data_dir, split, problems.get(split, []))
         if split not in manifests:
             die_empty(f"lhotse found no {args.dataset} {split!r} data under {corpus_dir}")
         recs, sups = manifests[split]["recordings"], manifests[split]["supervisions"]

@@ -70,6 +70,16 @@ def test_librispeech_layout(an4_dir, tmp_path):
             sf.write(d / f"{uid}.flac", audio, 16000)
             lines.append(f"{uid} {text}")
             expected[uid] = (part, text, len(audio))
+        if part == "train-clean-100":  # one of each problem, next to the good utterances
+            audio, text = utts[0]
+            (d / f"{spk}-{chap}-0010.flac").write_bytes(b"fLaC" + b"\x00" * 100)
+            (d / f"{spk}-{chap}-0011.flac").write_bytes(b"")
+            sf.write(d / f"{spk}-{chap}-0013.flac", audio[::2], 8000)
+            lines += [f"{spk}-{chap}-0010 CORRUPT", f"{spk}-{chap}-0011 EMPTY", f"{spk}-{chap}-0012 MISSING",
+                      f"{spk}-{chap}-0014", f"{spk}-{chap}-0013 {text}"]
+            expected[f"{spk}-{chap}-0013"] = (part, text, len(audio))
+            bad = {f"{spk}-{chap}-0010": "unreadable audio file", f"{spk}-{chap}-0011": "zero-length audio file",
+                   f"{spk}-{chap}-0012": "missing audio file", f"{spk}-{chap}-0014": "has no text"}
         (d / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
     data = tmp_path / "data"
     train_texts = [t for p, t, _ in expected.values() if p.startswith("train")]
@@ -77,16 +87,25 @@ def test_librispeech_layout(an4_dir, tmp_path):
     proc = prepare("librispeech", corpus, data, vocab)
     for n in (0, 1, 3, 4, 5):
         assert f"Stage {n}: " in proc.stdout
+    rejected = dict(l.split("\t", 1) for l in (data / "train-clean-100_rejected.txt").read_text().splitlines())
+    assert sorted(rejected) == sorted(bad)
+    for uid, words in bad.items():
+        assert words in rejected[uid]
+        if "file" in words:
+            assert f"{uid}.flac" in rejected[uid]
+    assert "resampled 8000 Hz -> 16000 Hz" in proc.stderr
     for part in parts:
         cuts = load_manifest(data / "fbank" / f"librispeech_cuts_{part}.jsonl.gz")
-        assert len(cuts) == 2
+        assert len(cuts) == (3 if part == "train-clean-100" else 2)
         for cut in cuts:
             p, text, n = expected[cut.id]
             assert p == part and cut.supervisions[0].text == text
             assert cut.supervisions[0].speaker == cut.id.split("-")[0]
             feats = cut.load_features()
+            assert cut.sampling_rate == 16000
             assert feats.shape[1] == 80 and abs(feats.shape[0] - round(n / 160)) <= 1 and np.isfinite(feats).all()
-        assert (data / f"{part}_rejected.txt").read_text() == ""
+        if part != "train-clean-100":
+            assert (data / f"{part}_rejected.txt").read_text() == ""
     tok = Tokenizer(data / f"lang_bpe_{vocab}")
     assert tok.vocab_size == vocab
     assert tok.decode(tok.encode(train_texts[0])[0]) == train_texts[0]

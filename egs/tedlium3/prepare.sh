@@ -9,7 +9,7 @@ source "$(dirname "$0")/../../local/stages.sh"
 
 make_manifests() {
   "$PYTHON" "$_root/local/lhotse_recipes.py" --dataset "$dataset" --corpus-dir "$corpus_dir" \
-    --manifest-dir "$manifest_dir" --num-jobs "$num_jobs"
+    --manifest-dir "$manifest_dir" --data-dir "$data_dir" --num-jobs "$num_jobs"
 }
 
 run_stages "$@"
