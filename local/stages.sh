@@ -31,7 +31,7 @@ Usage: $0 [options]
   --data-dir DIR       outputs: manifests/, fbank/, lang_bpe_<N>/, <split>_rejected.txt (default: ${data_dir})
   --stage N            first stage to run (default: ${stage})
   --stop-stage N       last stage to run (default: ${stop_stage})
-  --num-jobs N         parallel jobs for audio checks and features (default: ${num_jobs})
+  --num-jobs N         threads for audio checks, processes for fbank of splits over 2000 cuts (default: ${num_jobs})
   --speed-perturb BOOL add 0.9x/1.1x copies of the training cuts (default: ${speed_perturb})
   --vocab-size N       BPE pieces (default: the corpus's, see splitformer/data/recipes.py)
 Stages: 0 corpus, 1 manifests, 2 speed perturbation, 3 fbank, 4 BPE, 5 validation.

@@ -97,3 +97,20 @@ def test_parse_transcription_tolerates_markers_and_blank_lines(tmp_path):
     assert [(e.utt_id, e.text) if e else None for e in entries] == [
         ("an251-fash-b", "YES"), ("an2-fash-b", "U M"), None, ("an3-x-b", "GO")]
     assert problems == [("x.transcription:5", f"{p}: line 5 has no utterance id '(...)': 'NO ID HERE'")]
+
+
+def test_parallel_feature_extraction_matches_serial(an4_data, tmp_path, monkeypatch):
+    import compute_fbank
+
+    monkeypatch.setattr(compute_fbank, "MIN_CUTS_PER_PROCESS_POOL", 5)
+    src = an4_data / "manifests" / "an4_cuts_test.jsonl.gz"
+    sub = tmp_path / "cuts.jsonl.gz"
+    load_manifest(src).subset(first=30).to_file(sub)
+    n, rejects = compute_fbank.compute_split(sub, tmp_path / "par.jsonl.gz", tmp_path / "par_feats", num_jobs=2)
+    assert (n, rejects) == (30, [])
+    assert len(list((tmp_path / "par_feats").glob("feats-*.lca"))) >= 2  # really went through workers
+    par = load_manifest(tmp_path / "par.jsonl.gz")
+    ser = load_manifest(an4_data / "fbank" / "an4_cuts_test.jsonl.gz")
+    assert list(par.ids) == list(load_manifest(sub).ids)  # order kept
+    for cut in par:
+        assert np.array_equal(cut.load_features(), ser[cut.id].load_features())
