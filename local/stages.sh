@@ -100,12 +100,14 @@ begin_stage() {
     fi
   fi
   log "Stage $n: $what"
-  local later
-  for later in $(seq "$n" 9); do rm -f "$(_marker "$later")"; done
+  rm -f "$marker"  # until it completes
   return 0
 }
 
+# end_stage N SETTINGS: mark stage N complete; the later stages used its old outputs, so they must rerun
 end_stage() {
+  local later
+  for later in $(seq "$(($1 + 1))" 9); do rm -f "$(_marker "$later")"; done
   mkdir -p "$data_dir/.done"
   printf '%s' "$2" > "$(_marker "$1")"
 }
@@ -121,10 +123,26 @@ run_stages() {
   lang_dir=$data_dir/lang_bpe_${vocab_size}
   local corpus_file="$data_dir/.done/${dataset}.corpus_dir"
   log "dataset=$dataset splits=[$splits] data_dir=$data_dir stages $stage..$stop_stage num_jobs=$num_jobs"
+  # one corpus per data dir: split names (<split>_rejected.txt) and lang_bpe_<N> would collide
+  local m other
+  for m in "$data_dir"/.done/*.stage[0-9]; do
+    [ -e "$m" ] || continue
+    other=$(basename "${m%.stage*}")
+    [ "$other" = "$dataset" ] || die "$data_dir already holds $other; give $dataset its own --data-dir (e.g. --data-dir data_$dataset)"
+  done
 
   local s outs
   # ---- stage 0: the corpus ------------------------------------------------------------------
-  local key0="${corpus_dir:-download:$download_dir}"
+  # stage 0 is keyed by where the corpus comes from: an absolute --corpus-dir, else the copy
+  # recorded by an earlier run, else the download dir
+  local key0
+  if [ -n "$corpus_dir" ] && [ -d "$corpus_dir" ]; then
+    key0=$(cd "$corpus_dir" && pwd)
+  elif [ -z "$corpus_dir" ] && [ -f "$corpus_file" ]; then
+    key0=$(cat "$corpus_file"); corpus_dir=$key0
+  else
+    key0=${corpus_dir:-download:$download_dir}
+  fi
   if begin_stage 0 "get the ${dataset} corpus" "$key0" "$corpus_file"; then
     get_corpus
     corpus_dir=$(cd "$corpus_dir" && pwd)
@@ -145,6 +163,7 @@ run_stages() {
   if begin_stage 1 "lhotse manifests and audio/transcript checks" "corpus=$corpus_dir" "${outs[@]}"; then
     [ -n "$corpus_dir" ] || die "stage 1 needs the corpus: run stage 0 or give --corpus-dir"
     mkdir -p "$manifest_dir"
+    for s in $splits; do rm -f "$data_dir/${s}_rejected.txt"; done  # reports start afresh with the manifests
     make_manifests
     # shellcheck disable=SC2086
     "$PYTHON" "$_root/local/make_cuts.py" --dataset "$dataset" --splits $splits \

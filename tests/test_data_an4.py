@@ -114,3 +114,15 @@ def test_parallel_feature_extraction_matches_serial(an4_data, tmp_path, monkeypa
     assert list(par.ids) == list(load_manifest(sub).ids)  # order kept
     for cut in par:
         assert np.array_equal(cut.load_features(), ser[cut.id].load_features())
+
+
+def test_rerun_without_corpus_dir_and_foreign_dataset(an4_data):
+    run = lambda *a: subprocess.run([str(REPO / "prepare.sh"), "--data-dir", str(an4_data), *a],
+                                    cwd=an4_data.parent, capture_output=True, text=True, timeout=60)
+    proc = run("--vocab-size", str(VOCAB_SIZE))  # the corpus recorded by stage 0 is reused
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("already complete, skipping") == 5
+    proc = run("--dataset", "tedlium3", "--corpus-dir", str(an4_data))
+    assert proc.returncode != 0 and "already holds an4" in proc.stderr
+    proc = run("--stage", "x")
+    assert proc.returncode != 0 and "--stage/--stop-stage must be integers" in proc.stderr
