@@ -72,7 +72,9 @@ class _StatefulSampler(torch.utils.data.Sampler):
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.sampler.load_state_dict(copy.deepcopy(sd))  # lhotse consumes the dict it is given
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # anything else (epoch, diagnostics, ...) is the lhotse sampler's
+        if "sampler" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["sampler"], name)
 
 
