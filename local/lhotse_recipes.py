@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from pathlib import Path
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
-from lhotse import SupervisionSet, fastcopy
+from lhotse import RecordingSet, SupervisionSet, fastcopy
 
 from prep_utils import add_repo_to_path, atomic_to_file, die_empty, record_rejects, setup_logging
 
@@ -58,8 +60,64 @@ def tolerant_librispeech_lines(problems: Dict[str, List[Tuple[str, str]]]) -> No
     L.parse_utterance = parse
 
 
+def tedlium_usable_root(
+    corpus_dir: Path, splits: List[str], scratch: Path, problems: Dict[str, List[Tuple[str, str]]]
+) -> Path:
+    """The TED-LIUM root to give lhotse: the corpus itself, or a scratch copy of its layout without bad talks.
+
+    lhotse's `prepare_tedlium` stops at the first unreadable .sph and asserts one .stm per .sph. Each talk
+    is checked here first; a talk with a missing, empty or unreadable .sph is reported (by talk id) and
+    left out of a scratch tree of symlinks to the good talks, so that the rest of the corpus goes on.
+    """
+    from lhotse import Recording
+
+    bad_any = False
+    good: Dict[str, List[str]] = {}
+    for split in splits:
+        root = corpus_dir / "legacy" / split
+        good[split] = []
+        for stm in sorted((root / "stm").glob("*.stm")):
+            talk = stm.stem
+            sph = root / "sph" / f"{talk}.sph"
+            reason = None
+            if not sph.is_file():
+                reason = f"missing audio file {sph} (for {stm})"
+            elif sph.stat().st_size == 0:
+                reason = f"zero-length audio file {sph}"
+            else:
+                try:
+                    Recording.from_file(sph)
+                except Exception as e:
+                    reason = f"unreadable audio file {sph}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if reason is None:
+                good[split].append(talk)
+            else:
+                bad_any = True
+                problems[split].append((talk, reason + " (every segment of this talk is left out)"))
+        orphans = {p.stem for p in (root / "sph").glob("*.sph")} - {p.stem for p in (root / "stm").glob("*.stm")}
+        for talk in sorted(orphans):
+            bad_any = True
+            problems[split].append((talk, f"{root / 'sph' / (talk + '.sph')} has no transcript {root / 'stm' / (talk + '.stm')}"))
+        if not good[split]:
+            die_empty(f"TED-LIUM {split}: no usable talk under {root}")
+    if not bad_any:
+        return corpus_dir
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    for split, talks in good.items():
+        for sub, ext in (("sph", "sph"), ("stm", "stm")):
+            d = scratch / "legacy" / split / sub
+            d.mkdir(parents=True)
+            for talk in talks:
+                os.symlink(corpus_dir / "legacy" / split / sub / f"{talk}.{ext}", d / f"{talk}.{ext}")
+    log.info("TED-LIUM: %d bad talk(s) left out; lhotse reads the good ones through %s",
+             sum(len(v) for v in problems.values()), scratch)
+    return scratch
+
+
 def run_lhotse_recipe(
-    dataset: str, corpus_dir: Path, splits: List[str], num_jobs: int, problems: Dict[str, List[Tuple[str, str]]]
+    dataset: str, corpus_dir: Path, splits: List[str], num_jobs: int, problems: Dict[str, List[Tuple[str, str]]],
+    scratch: Path,
 ) -> Dict[str, dict]:
     if dataset in ("librispeech", "mini_librispeech"):
         from lhotse.recipes import prepare_librispeech
@@ -73,8 +131,9 @@ def run_lhotse_recipe(
     if dataset == "tedlium3":
         from lhotse.recipes import prepare_tedlium
 
+        root = tedlium_usable_root(corpus_dir, splits, scratch, problems)
         # "kaldi" drops <unk> and [NOISE] marks and re-attaches split contractions (they 're -> they're)
-        return prepare_tedlium(corpus_dir, dataset_parts=splits, num_jobs=num_jobs, normalize_text="kaldi")
+        return prepare_tedlium(root, dataset_parts=splits, num_jobs=num_jobs, normalize_text="kaldi")
     raise SystemExit(f"lhotse_recipes.py does not handle dataset {dataset!r}")
 
 
@@ -91,13 +150,19 @@ def main() -> None:
     corpus_dir = args.corpus_dir.resolve()
     splits = get_dataset(args.dataset).all_splits()
     problems: Dict[str, List[Tuple[str, str]]] = defaultdict(list)
-    manifests = run_lhotse_recipe(args.dataset, corpus_dir, splits, args.num_jobs, problems)
+    scratch = (args.manifest_dir / "tedlium_good_talks").resolve()
+    manifests = run_lhotse_recipe(args.dataset, corpus_dir, splits, args.num_jobs, problems, scratch)
     for split in splits:
         record_rejects(args.data_dir, split, problems.get(split, []))
         if split not in manifests:
             die_empty(f"lhotse found no {args.dataset} {split!r} data under {corpus_dir}")
         recs, sups = manifests[split]["recordings"], manifests[split]["supervisions"]
         sups = SupervisionSet.from_segments(fastcopy(s, text=" ".join((s.text or "").split())) for s in sups)
+        if (scratch / "legacy").exists():  # point at the corpus, not at the scratch tree of symlinks
+            recs = RecordingSet.from_recordings(
+                fastcopy(r, sources=[fastcopy(src, source=os.path.realpath(src.source)) for src in r.sources])
+                for r in recs
+            )
         atomic_to_file(recs, args.manifest_dir / f"{args.dataset}_recordings_{split}.jsonl.gz")
         atomic_to_file(sups, args.manifest_dir / f"{args.dataset}_supervisions_{split}.jsonl.gz")
         log.info("%s %s: %d recordings, %d segments", args.dataset, split, len(recs), len(sups))

@@ -136,13 +136,23 @@ def test_tedlium3_layout(an4_dir, tmp_path):
         sf.write(corpus / "legacy" / split / "sph" / f"{talk}.sph", np.concatenate(pieces), 16000,
                  format="NIST", subtype="PCM_16")
         (corpus / "legacy" / split / "stm" / f"{talk}.stm").write_text("\n".join(stm) + "\n")
+    # a talk whose audio is garbage, and a transcript without audio: reported, the rest goes on
+    (corpus / "legacy" / "train" / "sph" / "Broken_2020.sph").write_bytes(b"NIST_1A\n   1024\n" + b"\x00" * 50)
+    (corpus / "legacy" / "train" / "stm" / "Broken_2020.stm").write_text("Broken_2020 1 Broken_2020 0.00 1.00 <o,f0,male> hello\n")
+    (corpus / "legacy" / "dev" / "stm" / "Lost_2020.stm").write_text("Lost_2020 1 Lost_2020 0.00 1.00 <o,f0,male> hello\n")
     data = tmp_path / "data"
     vocab = min_vocab([t for _, t in expected["train"]])
     prepare("tedlium3", corpus, data, vocab)
+    train_rej = dict(l.split("\t", 1) for l in (data / "train_rejected.txt").read_text().splitlines())
+    dev_rej = dict(l.split("\t", 1) for l in (data / "dev_rejected.txt").read_text().splitlines())
+    assert list(train_rej) == ["Broken_2020"] and "unreadable audio file" in train_rej["Broken_2020"]
+    assert "Broken_2020.sph" in train_rej["Broken_2020"]
+    assert list(dev_rej) == ["Lost_2020"] and "missing audio file" in dev_rej["Lost_2020"]
     for split in ("train", "dev", "test"):
         cuts = load_manifest(data / "fbank" / f"tedlium3_cuts_{split}.jsonl.gz")
         got = sorted((round(c.duration, 2), c.supervisions[0].text) for c in cuts)
         assert got == sorted(expected[split])  # 3 segments; the ignored one is gone, <unk> removed
         for c in cuts:
             assert c.recording.duration > c.duration  # a segment of the whole talk
+            assert c.recording.sources[0].source.startswith(str(corpus.resolve()))  # not the scratch tree
             assert c.load_features().shape == (c.num_frames, 80)
