@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-SAMPLING_RATE = 16000
+from prep_utils import SAMPLING_RATE
 
 
 def declared_num_samples(path: Path) -> Optional[int]:
