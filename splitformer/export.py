@@ -63,22 +63,27 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     try:
         import torch
 
-        torch.set_grad_enabled(False)
-        model, flags, state = load_for_export(args.exp_dir, args.epoch, args.iter, args.avg, args.use_averaged_model)
-        out_dir = args.output_dir or args.exp_dir / "onnx"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written: List[Path] = []
-        if args.onnx:
-            exits = parse_exits(args.exit_layer, model.exits)
-            res = export_model(model, flags, out_dir, exits, opset=args.opset, int8=args.int8, tokens=args.tokens,
-                               check=args.check, max_frames=args.max_frames)
-            written += list(res.files.values())
-        if args.pretrained:
-            p = save_pretrained(out_dir / "pretrained.pt", state, flags)
-            logging.info("wrote %s (%.2f MB)", p, p.stat().st_size / 1e6)
-            written.append(p)
+        with torch.no_grad():  # scoped: main() is also called in-process by tests
+            return _export(args)
     except ExportError as e:
         raise SystemExit(f"export.py: {e}") from None
+
+
+def _export(args: argparse.Namespace) -> List[Path]:
+    """Load the averaged weights and write the requested files."""
+    model, flags, state = load_for_export(args.exp_dir, args.epoch, args.iter, args.avg, args.use_averaged_model)
+    out_dir = args.output_dir or args.exp_dir / "onnx"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: List[Path] = []
+    if args.onnx:
+        exits = parse_exits(args.exit_layer, model.exits)
+        res = export_model(model, flags, out_dir, exits, opset=args.opset, int8=args.int8, tokens=args.tokens,
+                           check=args.check, max_frames=args.max_frames)
+        written += list(res.files.values())
+    if args.pretrained:
+        p = save_pretrained(out_dir / "pretrained.pt", state, flags)
+        logging.info("wrote %s (%.2f MB)", p, p.stat().st_size / 1e6)
+        written.append(p)
     return written
 
 

@@ -43,8 +43,8 @@ TINY: Dict[str, dict] = {
     "ee-conformer": dict(preset="ee-conformer-paper", encoder_dim="32", num_encoder_layers="4", exit_layers="2,4",
                          feedforward_dim="64", num_heads="4", cnn_module_kernel="7", use_transducer=True,
                          decoder_dim=32, joiner_dim=32),
-    # Splitformer with Zipformer layers: learned x2 input downsampling, branches in both blocks
-    "splitformer-zip": dict(preset="splitformer-cpu", encoder_dim="32", encoder_unmasked_dim="32",
+    # Splitformer with Zipformer layers: Conv2d front end, learned x2 input downsampling, branches in both blocks
+    "splitformer-zip": dict(preset="splitformer-cpu", encoder_embed="conv2d", input_downsample=2, encoder_dim="32", encoder_unmasked_dim="32",
                             num_encoder_layers="4", exit_layers="2,4", feedforward_dim="64", num_heads="2",
                             cnn_module_kernel="7", split_blocks="0,1", decoder_dim=32, joiner_dim=32),
     # multi-rate Zipformer2, one exit
