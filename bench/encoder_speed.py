@@ -3,13 +3,14 @@
 
 Usage:
   PYTHONPATH=. python bench/encoder_speed.py [--configs cpu-small,zipformer-s] [--batch 10] [--seconds 10]
-      [--repeats 5] [--threads 2] [--icefall-dir DIR]
+      [--repeats 5] [--threads 2] [--device cpu] [--icefall-dir DIR]
 
 With ``--icefall-dir`` (an icefall checkout, or its egs/librispeech/ASR/zipformer directory) it also
 builds icefall's Conv2dSubsampling + Zipformer2 at the same configuration and times it in the same run.
 icefall needs k2 only for SwooshL/SwooshR; here a stand-in ``k2`` module with pure-torch formulas is put
 in ``sys.modules`` (inside this script only), and ``icefall.utils`` is replaced by the one helper that
-scaling.py imports from it. Prints medians; "RTF" is compute seconds per second of audio.
+scaling.py imports from it. Prints medians; "RTF" is compute seconds per second of audio. The two
+implementations are timed in turns so that load changes on a shared machine hit both alike.
 """
 from __future__ import annotations
 
@@ -130,36 +131,41 @@ def build_icefall(mods, cfg: dict) -> EmbedAndEncoder:
     return EmbedAndEncoder(embed, enc, icefall=True)
 
 
-def time_it(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def bench(model: EmbedAndEncoder, batch: int, seconds: float, repeats: int) -> Tuple[float, float]:
-    """Median seconds for forward (eval, no grad) and forward+backward (train mode) on one batch."""
+def make_steps(model: EmbedAndEncoder, batch: int, seconds: float, device: torch.device):
+    """(forward in eval mode without grad, forward+backward in train mode) closures on one batch."""
     frames = int(seconds * 100)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, frames, 80, generator=g)
-    x_lens = torch.full((batch,), frames, dtype=torch.int64)
+    x = torch.randn(batch, frames, 80, generator=g).to(device)
+    x_lens = torch.full((batch,), frames, dtype=torch.int64, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def fwd():
+        model.eval()
         with torch.no_grad():
             model(x, x_lens)
+        sync()
 
     def fwd_bwd():
+        model.train()
         model.zero_grad(set_to_none=True)
         model(x, x_lens).pow(2).mean().backward()
+        sync()
 
-    model.eval()
-    t_fwd = time_it(fwd, repeats)
-    model.train()
-    t_fb = time_it(fwd_bwd, repeats)
-    return t_fwd, t_fb
+    return fwd, fwd_bwd
+
+
+def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """Median wall time of each step; the steps take turns, so that a change in machine load
+    (this CPU is shared) hits all of them alike."""
+    for fn in steps.values():
+        fn()  # warm-up
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: List[str] = None) -> None:
@@ -170,29 +176,37 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--icefall-dir", default=None)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     icefall_mods = load_icefall(args.icefall_dir) if args.icefall_dir else None
     audio = args.batch * args.seconds
-    print(f"batch {args.batch} x {args.seconds:g} s = {audio:g} s of audio; threads {torch.get_num_threads()}; "
-          f"medians of {args.repeats}")
+    print(f"batch {args.batch} x {args.seconds:g} s = {audio:g} s of audio; device {device}; "
+          f"threads {torch.get_num_threads()}; medians of {args.repeats}, implementations interleaved")
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        impls = [("splitformer", build_ours)]
+        models = {}
+        torch.manual_seed(0)
+        models["splitformer"] = build_ours(cfg).to(device)
         if icefall_mods is not None:
-            impls.append(("icefall", lambda c: build_icefall(icefall_mods, c)))
-        results = {}
-        for impl, build in impls:
             torch.manual_seed(0)
-            model = build(cfg)
+            models["icefall"] = build_icefall(icefall_mods, cfg).to(device)
+        steps = {}
+        for impl, model in models.items():
+            fwd, fwd_bwd = make_steps(model, args.batch, args.seconds, device)
+            steps[(impl, "fwd")] = fwd
+            steps[(impl, "fwd+bwd")] = fwd_bwd
+        med = time_interleaved(steps, args.repeats)
+        for impl, model in models.items():
             n = sum(q.numel() for q in model.parameters())
-            t_fwd, t_fb = bench(model, args.batch, args.seconds, args.repeats)
-            results[impl] = (t_fwd, t_fb)
-            print(f"{name:12s} {impl:11s} params {n:>10,d}  fwd {t_fwd:7.3f} s (RTF {t_fwd / audio:.4f})  "
+            t_f, t_fb = med[(impl, "fwd")], med[(impl, "fwd+bwd")]
+            print(f"{name:12s} {impl:11s} params {n:>10,d}  fwd {t_f:7.3f} s (RTF {t_f / audio:.4f})  "
                   f"fwd+bwd {t_fb:7.3f} s (RTF {t_fb / audio:.4f})", flush=True)
-        if "icefall" in results:
-            (a, b), (c, d) = results["splitformer"], results["icefall"]
+        if "icefall" in models:
+            a, b = med[("splitformer", "fwd")], med[("splitformer", "fwd+bwd")]
+            c, d = med[("icefall", "fwd")], med[("icefall", "fwd+bwd")]
             print(f"{name:12s} icefall/splitformer time ratio: fwd {c / a:.2f}  fwd+bwd {d / b:.2f}")
 
 

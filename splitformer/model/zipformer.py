@@ -293,7 +293,7 @@ class BypassModule(nn.Module):
             if rate > 0.0:
                 keep = (torch.rand(src.shape[1], 1, device=src.device) > rate).to(src.dtype)
                 scale = scale * keep  # (B, C), broadcasts over (T, B, C)
-        return src_orig + (src - src_orig) * scale
+        return torch.lerp(src_orig, src, scale)  # src_orig + (src - src_orig) * scale, in one pass
 
 
 def _sequence_mask(x: Tensor, rate: float, training: bool) -> Optional[Tensor]:
