@@ -316,3 +316,16 @@ def test_parameter_counts_match_icefall():
     with_ctc_s = s_enc + embed + rest(256) + 256 * 500 + 500
     with_ctc_m = m_enc + embed + rest(512) + 512 * 500 + 500
     assert abs(with_ctc_s / 23.3e6 - 1) < 0.03 and abs(with_ctc_m / 65.5e6 - 1) < 0.03
+
+
+def test_training_step_under_bf16_autocast():
+    torch.manual_seed(0)
+    embed, enc = Conv2dSubsampling(80, 32), Zipformer2(**TINY)
+    model = torch.nn.ModuleList([embed, enc]).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_lens = embed(torch.randn(2, 40, 80), torch.tensor([40, 33]))
+        [(out, _)] = enc(y, y_lens)
+        loss = out.float().pow(2).mean()
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is None or (p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()), n

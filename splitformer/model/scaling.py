@@ -178,10 +178,13 @@ class _ActivationDropoutLinearFunction(torch.autograd.Function):
         y = fn(x)
         if mask is not None:
             y = y * mask
+        # Under autocast the forward matmul ran in a lower precision and out_grad comes in that dtype:
+        # do the matmuls in it too, and hand back gradients in the dtypes of the inputs.
+        dt = out_grad.dtype
         g2 = out_grad.reshape(-1, out_grad.shape[-1])
-        weight_grad = g2.t().matmul(y.reshape(-1, y.shape[-1]))
-        bias_grad = g2.sum(0) if ctx.has_bias else None
-        x_grad = out_grad.matmul(weight) * deriv(x)
+        weight_grad = g2.t().matmul(y.reshape(-1, y.shape[-1]).to(dt)).to(weight.dtype)
+        bias_grad = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
+        x_grad = out_grad.matmul(weight.to(dt)).to(x.dtype) * deriv(x)
         if mask is not None:
             x_grad = x_grad * mask
         return x_grad, weight_grad, bias_grad, None, None
