@@ -129,6 +129,8 @@ def test_rel_shift_indexes_by_offset():
     for q in range(t):
         for k in range(t):
             assert out[1, 2, q, k].item() == (k - q) + 100 * q
+    traced = torch.jit.trace(_rel_shift, (scores,))  # the export path (gather) agrees
+    assert traced(scores).equal(out)
 
 
 def test_compact_rel_pos_encoding():
