@@ -22,7 +22,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
