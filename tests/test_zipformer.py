@@ -331,3 +331,35 @@ def test_training_step_under_bf16_autocast():
     loss.backward()
     for n, p in model.named_parameters():
         assert p.grad is None or (p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()), n
+
+
+def test_onnx_export_with_dynamic_shapes(tmp_path):
+    """The traced/ONNX path (gather rel-shift, last-frame padding) matches eager at another shape."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import warnings
+
+    class EmbedEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.encoder = _embed_and_encoder()
+
+        def forward(self, x, x_lens):
+            y, y_lens = self.embed(x, x_lens)
+            [(out, out_lens)] = self.encoder(y, y_lens)
+            return out, out_lens
+
+    model = EmbedEncoder().eval()
+    path = tmp_path / "enc.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 100, 80), torch.tensor([100, 80])), str(path), dynamo=False,
+                          opset_version=17, input_names=["x", "x_lens"], output_names=["out", "out_lens"],
+                          dynamic_axes={"x": {0: "B", 1: "T"}, "x_lens": {0: "B"}, "out": {0: "B", 1: "T2"},
+                                        "out_lens": {0: "B"}})
+    x, x_lens = torch.randn(3, 157, 80), torch.tensor([157, 120, 63])
+    out, out_lens = ort.InferenceSession(str(path)).run(None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
+    with torch.no_grad():
+        ref, ref_lens = model(x, x_lens)
+    assert out_lens.tolist() == ref_lens.tolist()
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-4, rtol=1e-4)
