@@ -76,11 +76,12 @@ def build_ours(cfg: dict) -> EmbedAndEncoder:
 def _install_icefall_shims() -> None:
     """Pure-torch stand-ins for what icefall's zipformer imports from k2 and icefall.utils."""
 
+    # the same softplus formulas that splitformer uses, so that the comparison is not about them
     def swoosh_l(x):
-        return torch.logaddexp(torch.zeros_like(x), x - 4.0) - 0.08 * x - 0.035
+        return torch.nn.functional.softplus(x - 4.0, threshold=15.0) - 0.08 * x - 0.035
 
     def swoosh_r(x):
-        return torch.logaddexp(torch.zeros_like(x), x - 1.0) - 0.08 * x - 0.313261687
+        return torch.nn.functional.softplus(x - 1.0, threshold=15.0) - 0.08 * x - 0.313261687
 
     def fwd_and_deriv(fn, shift):
         return lambda x: (fn(x), torch.sigmoid(x - shift) - 0.08)
