@@ -9,8 +9,9 @@ With ``--icefall-dir`` (an icefall checkout, or its egs/librispeech/ASR/zipforme
 builds icefall's Conv2dSubsampling + Zipformer2 at the same configuration and times it in the same run.
 icefall needs k2 only for SwooshL/SwooshR; here a stand-in ``k2`` module with pure-torch formulas is put
 in ``sys.modules`` (inside this script only), and ``icefall.utils`` is replaced by the one helper that
-scaling.py imports from it. Prints medians; "RTF" is compute seconds per second of audio. The two
-implementations are timed in turns so that load changes on a shared machine hit both alike.
+scaling.py imports from it. Prints medians of wall and CPU (process) time; "RTF" is wall seconds per
+second of audio. The two implementations are timed in turns so that load changes on a shared machine
+hit both alike; on a busy machine use --threads 1 and compare CPU times.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -155,18 +156,19 @@ def make_steps(model: EmbedAndEncoder, batch: int, seconds: float, device: torch
     return fwd, fwd_bwd
 
 
-def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
-    """Median wall time of each step; the steps take turns, so that a change in machine load
-    (this CPU is shared) hits all of them alike."""
+def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, Tuple[float, float]]:
+    """Median (wall, CPU) seconds of each step. The steps take turns, so that a change in machine load
+    (this CPU is shared) hits all of them alike; CPU time (this process, all threads) is the steadier
+    figure on a busy machine, and equals compute time with --threads 1."""
     for fn in steps.values():
         fn()  # warm-up
-    times: Dict[str, List[float]] = {k: [] for k in steps}
+    times: Dict[str, List[Tuple[float, float]]] = {k: [] for k in steps}
     for _ in range(repeats):
         for k, fn in steps.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k].append((time.perf_counter() - w0, time.process_time() - c0))
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
 
 
 def main(argv: List[str] = None) -> None:
@@ -202,13 +204,15 @@ def main(argv: List[str] = None) -> None:
         med = time_interleaved(steps, args.repeats)
         for impl, model in models.items():
             n = sum(q.numel() for q in model.parameters())
-            t_f, t_fb = med[(impl, "fwd")], med[(impl, "fwd+bwd")]
-            print(f"{name:12s} {impl:11s} params {n:>10,d}  fwd {t_f:7.3f} s (RTF {t_f / audio:.4f})  "
-                  f"fwd+bwd {t_fb:7.3f} s (RTF {t_fb / audio:.4f})", flush=True)
+            (wf, cf), (wb, cb) = med[(impl, "fwd")], med[(impl, "fwd+bwd")]
+            print(f"{name:12s} {impl:11s} params {n:>10,d}  fwd wall {wf:7.3f} s cpu {cf:7.3f} s "
+                  f"(RTF {wf / audio:.4f})  fwd+bwd wall {wb:7.3f} s cpu {cb:7.3f} s (RTF {wb / audio:.4f})",
+                  flush=True)
         if "icefall" in models:
-            a, b = med[("splitformer", "fwd")], med[("splitformer", "fwd+bwd")]
-            c, d = med[("icefall", "fwd")], med[("icefall", "fwd+bwd")]
-            print(f"{name:12s} icefall/splitformer time ratio: fwd {c / a:.2f}  fwd+bwd {d / b:.2f}")
+            ratio = {k: [med[("icefall", k)][i] / med[("splitformer", k)][i] for i in (0, 1)]
+                     for k in ("fwd", "fwd+bwd")}
+            print(f"{name:12s} icefall/splitformer time ratio (wall, cpu): fwd {ratio['fwd'][0]:.2f}, "
+                  f"{ratio['fwd'][1]:.2f}  fwd+bwd {ratio['fwd+bwd'][0]:.2f}, {ratio['fwd+bwd'][1]:.2f}")
 
 
 if __name__ == "__main__":
