@@ -1,0 +1,342 @@
+"""Model flags, named presets, and the one place that turns flags into a model.
+
+A preset is a dict of flag defaults: ``--preset NAME`` installs them, and any flag given
+explicitly on the command line overrides its preset value. Checkpoints store the model
+flags as a plain dict (``model_args_dict``), so decode can rebuild the exact architecture.
+"""
+import argparse
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from splitformer.model.asr_model import AsrModel
+
+
+def str2bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in ("1", "true", "yes", "y", "t"):
+        return True
+    if s in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def to_int_tuple(s: Any) -> Tuple[int, ...]:
+    """"2,2,3" -> (2, 2, 3); "" -> (); ints and sequences pass through."""
+    if isinstance(s, int):
+        return (s,)
+    if isinstance(s, (list, tuple)):
+        return tuple(int(x) for x in s)
+    s = str(s).strip()
+    return tuple(int(x) for x in s.split(",") if x.strip()) if s else ()
+
+
+def to_float_tuple(s: Any) -> Tuple[float, ...]:
+    if isinstance(s, (list, tuple)):
+        return tuple(float(x) for x in s)
+    s = str(s).strip()
+    return tuple(float(x) for x in s.split(",") if x.strip()) if s else ()
+
+
+# icefall's Zipformer2 sizes (egs/librispeech/ASR/zipformer, "small" and the default "medium").
+_ZIPFORMER_S = dict(
+    encoder="zipformer",
+    encoder_embed="conv2d",
+    num_encoder_layers="2,2,2,2,2,2",
+    downsampling_factor="1,2,4,8,4,2",
+    feedforward_dim="512,768,768,768,768,768",
+    num_heads="4,4,4,8,4,4",
+    encoder_dim="192,256,256,256,256,256",
+    encoder_unmasked_dim="192,192,192,192,192,192",
+    cnn_module_kernel="31,31,15,15,15,31",
+    decoder_dim=512,
+    joiner_dim=512,
+)
+_ZIPFORMER_M = dict(
+    _ZIPFORMER_S,
+    num_encoder_layers="2,2,3,4,3,2",
+    feedforward_dim="512,768,1024,1536,1024,768",
+    encoder_dim="192,256,384,512,384,256",
+    encoder_unmasked_dim="192,192,256,256,256,192",
+)
+# CPU-sized multi-rate Zipformer for AN4: the single-exit baseline of the main job.
+_ZIPFORMER_CPU = dict(
+    _ZIPFORMER_S,
+    num_encoder_layers="2,2,2,2,2,2",
+    feedforward_dim="256,320,320,320,320,256",
+    num_heads="4,4,4,4,4,4",
+    encoder_dim="96,112,112,112,112,96",
+    encoder_unmasked_dim="64,64,64,64,64,64",
+    cnn_module_kernel="31,31,15,15,15,31",
+    decoder_dim=256,
+    joiner_dim=256,
+)
+
+# The papers' CTC-only Conformer early-exit baseline, as their code builds it.
+_EE_CONFORMER_PAPER = dict(
+    encoder="early-exit",
+    encoder_embed="conv1d",
+    layer_type="conformer",
+    pos_encoding="abs",
+    input_downsample=1,
+    num_encoder_layers="12",
+    exit_layers="2,4,6,8,10,12",
+    encoder_dim="256",
+    feedforward_dim="2048",
+    num_heads="8",
+    cnn_module_kernel="31",
+    split_blocks="",
+    use_transducer=False,
+    use_ctc=True,
+)
+_SPLIT_PAPER = dict(split_blocks="0,5", split_downsampling_factor=2, split_num_layers=1, split_downsample="drop", split_combine="sum")
+
+# Zipformer-layer early-exit models, transducer + CTC, sized like the paper's (~31.5M / ~36.7M).
+_EE_ZIPFORMER = dict(
+    encoder="early-exit",
+    encoder_embed="conv2d",
+    layer_type="zipformer",
+    pos_encoding="rel",
+    input_downsample=2,
+    num_encoder_layers="12",
+    exit_layers="2,4,6,8,10,12",
+    encoder_dim="256",
+    encoder_unmasked_dim="256",
+    feedforward_dim="1024",
+    num_heads="4",
+    cnn_module_kernel="31",
+    split_blocks="",
+    decoder_dim=512,
+    joiner_dim=512,
+    use_transducer=True,
+    use_ctc=True,
+)
+_SPLIT_ZIP = dict(split_blocks="0,5", split_downsampling_factor=2, split_num_layers=1, split_downsample="learned", split_combine="bypass")
+# The x4 Conv1d front end keeps the earliest exit cheap: Zipformer's Conv2d front end alone
+# costs ~150M MACs per second of audio, more than half of a 4M-parameter model.
+_EE_ZIPFORMER_CPU = dict(
+    _EE_ZIPFORMER,
+    encoder_embed="conv1d",
+    input_downsample=1,
+    encoder_dim="96",
+    encoder_unmasked_dim="96",
+    feedforward_dim="256",
+    num_heads="4",
+    cnn_module_kernel="15",
+    decoder_dim=256,
+    joiner_dim=256,
+)
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "zipformer-s": _ZIPFORMER_S,
+    "zipformer-m": _ZIPFORMER_M,
+    "zipformer-cpu": _ZIPFORMER_CPU,
+    "ee-conformer-paper": _EE_CONFORMER_PAPER,
+    "splitformer-paper": dict(_EE_CONFORMER_PAPER, **_SPLIT_PAPER),
+    "ee-zipformer": _EE_ZIPFORMER,
+    "splitformer": dict(_EE_ZIPFORMER, **_SPLIT_ZIP),
+    "ee-zipformer-cpu": _EE_ZIPFORMER_CPU,
+    "splitformer-cpu": dict(_EE_ZIPFORMER_CPU, **_SPLIT_ZIP),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag that shapes the model or its loss; presets set their defaults."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS), help="named model size; explicit flags override it")
+    g.add_argument("--encoder", type=str, default="zipformer", choices=["zipformer", "early-exit"],
+                   help="zipformer: multi-rate Zipformer2 (single exit); early-exit: one-rate stack with exits (and Splitformer branches)")
+    g.add_argument("--encoder-embed", type=str, default="conv2d", choices=["conv2d", "conv1d"],
+                   help="conv2d: Zipformer's x2 front end (+ConvNeXt); conv1d: the papers' x4 front end")
+    # Zipformer2 per-stack settings (comma lists, icefall's names). The early-exit encoder reads the first value.
+    g.add_argument("--num-encoder-layers", type=str, default=_ZIPFORMER_M["num_encoder_layers"],
+                   help="layers per stack (zipformer) or total layers (early-exit)")
+    g.add_argument("--downsampling-factor", type=str, default=_ZIPFORMER_M["downsampling_factor"])
+    g.add_argument("--feedforward-dim", type=str, default=_ZIPFORMER_M["feedforward_dim"])
+    g.add_argument("--num-heads", type=str, default=_ZIPFORMER_M["num_heads"])
+    g.add_argument("--encoder-dim", type=str, default=_ZIPFORMER_M["encoder_dim"])
+    g.add_argument("--encoder-unmasked-dim", type=str, default=_ZIPFORMER_M["encoder_unmasked_dim"])
+    g.add_argument("--cnn-module-kernel", type=str, default=_ZIPFORMER_M["cnn_module_kernel"])
+    g.add_argument("--query-head-dim", type=str, default="32")
+    g.add_argument("--value-head-dim", type=str, default="12")
+    g.add_argument("--pos-head-dim", type=str, default="4")
+    g.add_argument("--pos-dim", type=int, default=48)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--use-balancers", type=str2bool, default=False, help="Zipformer's activation Balancer regulariser")
+    g.add_argument("--use-whiten", type=str2bool, default=False, help="Zipformer's Whiten regulariser")
+    # Early-exit encoder and Splitformer branches.
+    g.add_argument("--layer-type", type=str, default="zipformer", choices=["zipformer", "conformer"])
+    g.add_argument("--pos-encoding", type=str, default="rel", choices=["rel", "abs"])
+    g.add_argument("--input-downsample", type=int, default=2, choices=[1, 2],
+                   help="x2 downsampling before the early-exit stack (conv2d front end: 50 Hz -> 25 Hz)")
+    g.add_argument("--exit-layers", type=str, default="2,4,6,8,10,12", help="layers after which an exit sits")
+    g.add_argument("--split-blocks", type=str, default="", help="blocks (spans between exits, from 0) with a parallel downsampled branch")
+    g.add_argument("--split-downsampling-factor", type=int, default=2)
+    g.add_argument("--split-num-layers", type=int, default=1)
+    g.add_argument("--split-downsample", type=str, default="learned", choices=["learned", "drop"])
+    g.add_argument("--split-combine", type=str, default="sum", choices=["sum", "bypass"])
+    # Decoder / joiner.
+    g.add_argument("--decoder-dim", type=int, default=512)
+    g.add_argument("--joiner-dim", type=int, default=512)
+    g.add_argument("--context-size", type=int, default=2)
+    # Losses.
+    g.add_argument("--use-transducer", type=str2bool, default=True)
+    g.add_argument("--use-ctc", type=str2bool, default=True)
+    g.add_argument("--prune-range", type=int, default=5)
+    g.add_argument("--lm-scale", type=float, default=0.25)
+    g.add_argument("--am-scale", type=float, default=0.0)
+    g.add_argument("--simple-loss-scale", type=float, default=0.5)
+    g.add_argument("--ctc-loss-scale", type=float, default=0.2)
+    g.add_argument("--exit-loss-weights", type=str, default="", help="one weight per exit; equal (1.0) if empty")
+    g.add_argument("--train-exits", type=str, default="all", choices=["all", "last"],
+                   help="last: train only the top exit (the single-exit model of Wright et al.)")
+
+
+# Flags that define the architecture; a checkpoint must agree on all of them.
+ARCH_KEYS: Tuple[str, ...] = (
+    "encoder", "encoder_embed", "num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads",
+    "encoder_dim", "encoder_unmasked_dim", "cnn_module_kernel", "query_head_dim", "value_head_dim", "pos_head_dim",
+    "pos_dim", "use_balancers", "use_whiten", "layer_type", "pos_encoding", "input_downsample", "exit_layers",
+    "split_blocks", "split_downsampling_factor", "split_num_layers", "split_downsample", "split_combine",
+    "decoder_dim", "joiner_dim", "context_size", "use_transducer", "use_ctc", "vocab_size",
+)
+MODEL_KEYS: Tuple[str, ...] = ARCH_KEYS + (
+    "preset", "dropout", "prune_range", "lm_scale", "am_scale", "simple_loss_scale", "ctc_loss_scale",
+    "exit_loss_weights", "train_exits",
+)
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` with the chosen preset's values as defaults, so explicit flags win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            parser.error(f"unknown preset {known.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        parser.set_defaults(**PRESETS[known.preset])
+    return parser.parse_args(argv)
+
+
+def model_args_dict(args: argparse.Namespace) -> Dict[str, Any]:
+    """The model flags as a plain dict (safe for ``torch.load(weights_only=True)``)."""
+    return {k: getattr(args, k) for k in MODEL_KEYS if hasattr(args, k)}
+
+
+def default_model_args(**overrides: Any) -> argparse.Namespace:
+    """All model flags at their defaults (with a preset, if given), e.g. for tests and tools."""
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    preset = overrides.pop("preset", None)
+    args = parse_with_preset(parser, ["--preset", preset] if preset else [])
+    for k, v in overrides.items():
+        if not hasattr(args, k):
+            raise KeyError(f"unknown model flag {k!r}")
+        setattr(args, k, v)
+    return args
+
+
+def exit_loss_weights(args: argparse.Namespace, exits: List[int]) -> Dict[int, float]:
+    """Per-exit loss weights: equal by default; only the top exit with --train-exits last."""
+    if getattr(args, "train_exits", "all") == "last":
+        return {exits[-1]: 1.0}
+    w = to_float_tuple(getattr(args, "exit_loss_weights", ""))
+    if not w:
+        return {e: 1.0 for e in exits}
+    if len(w) != len(exits):
+        raise ValueError(f"--exit-loss-weights has {len(w)} values but the model has {len(exits)} exits ({exits})")
+    return dict(zip(exits, w))
+
+
+def _first(s: Any) -> int:
+    vals = to_int_tuple(s)
+    if not vals:
+        raise ValueError(f"expected at least one integer, got {s!r}")
+    return vals[0]
+
+
+def build_encoder_embed(args: argparse.Namespace, out_dim: int) -> nn.Module:
+    from splitformer.model.encoder_embed import Conv1dSubsampling, Conv2dSubsampling
+
+    if args.encoder_embed == "conv1d":
+        return Conv1dSubsampling(in_channels=80, out_channels=out_dim)
+    return Conv2dSubsampling(in_channels=80, out_channels=out_dim, dropout=args.dropout)
+
+
+def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
+    """(encoder, front-end output dim)."""
+    if args.encoder == "zipformer":
+        from splitformer.model.zipformer import Zipformer2
+
+        encoder_dim = to_int_tuple(args.encoder_dim)
+        enc = Zipformer2(
+            output_downsampling_factor=2,
+            downsampling_factor=to_int_tuple(args.downsampling_factor),
+            num_encoder_layers=to_int_tuple(args.num_encoder_layers),
+            encoder_dim=encoder_dim,
+            encoder_unmasked_dim=to_int_tuple(args.encoder_unmasked_dim),
+            query_head_dim=to_int_tuple(args.query_head_dim),
+            pos_head_dim=to_int_tuple(args.pos_head_dim),
+            value_head_dim=to_int_tuple(args.value_head_dim),
+            pos_dim=args.pos_dim,
+            num_heads=to_int_tuple(args.num_heads),
+            feedforward_dim=to_int_tuple(args.feedforward_dim),
+            cnn_module_kernel=to_int_tuple(args.cnn_module_kernel),
+            dropout=args.dropout,
+            use_balancers=args.use_balancers,
+            use_whiten=args.use_whiten,
+        )
+        return enc, encoder_dim[0]
+
+    from splitformer.model.early_exit import EarlyExitEncoder
+
+    d_model = _first(args.encoder_dim)
+    enc = EarlyExitEncoder(
+        input_dim=d_model,
+        d_model=d_model,
+        num_layers=_first(args.num_encoder_layers),
+        exit_layers=to_int_tuple(args.exit_layers),
+        layer_type=args.layer_type,
+        num_heads=_first(args.num_heads),
+        feedforward_dim=_first(args.feedforward_dim),
+        cnn_module_kernel=_first(args.cnn_module_kernel),
+        dropout=args.dropout,
+        input_downsample=args.input_downsample,
+        pos_encoding=args.pos_encoding,
+        split_blocks=to_int_tuple(args.split_blocks),
+        split_downsampling_factor=args.split_downsampling_factor,
+        split_num_layers=args.split_num_layers,
+        split_downsample=args.split_downsample,
+        split_combine=args.split_combine,
+        query_head_dim=_first(args.query_head_dim),
+        pos_head_dim=_first(args.pos_head_dim),
+        value_head_dim=_first(args.value_head_dim),
+        pos_dim=args.pos_dim,
+        encoder_unmasked_dim=_first(args.encoder_unmasked_dim),
+        use_balancers=args.use_balancers,
+        use_whiten=args.use_whiten,
+    )
+    return enc, d_model
+
+
+def build_model(args: argparse.Namespace, vocab_size: Optional[int] = None) -> AsrModel:
+    """Flags (and the BPE's vocabulary size) -> an untrained AsrModel."""
+    if vocab_size is None:
+        vocab_size = getattr(args, "vocab_size", None)
+    if not vocab_size:
+        raise ValueError("vocab_size is unknown: pass it, or set args.vocab_size (from data/lang_bpe_<N>/tokens.txt)")
+    args.vocab_size = int(vocab_size)
+    encoder, embed_dim = build_encoder(args)
+    return AsrModel(
+        encoder_embed=build_encoder_embed(args, embed_dim),
+        encoder=encoder,
+        vocab_size=int(vocab_size),
+        decoder_dim=args.decoder_dim,
+        joiner_dim=args.joiner_dim,
+        context_size=args.context_size,
+        blank_id=0,
+        use_transducer=args.use_transducer,
+        use_ctc=args.use_ctc,
+    )
