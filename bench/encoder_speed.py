@@ -54,6 +54,29 @@ CONFIGS: Dict[str, dict] = {
 }
 
 
+_ZIPFORMER_KEYS = ("num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads", "encoder_dim",
+                   "encoder_unmasked_dim", "cnn_module_kernel", "query_head_dim", "pos_head_dim", "value_head_dim")
+
+
+def resolve_config(name: str) -> dict:
+    """A config above, or a Zipformer2 preset of splitformer.model.config.PRESETS (e.g. zipformer-cpu)."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    from splitformer.model.config import PRESETS, to_int_tuple
+
+    preset = PRESETS.get(name)
+    if preset is None or preset.get("encoder", "zipformer") != "zipformer" or preset.get("encoder_embed") == "conv1d":
+        zips = [k for k, v in PRESETS.items() if v.get("encoder") == "zipformer"]
+        raise SystemExit(f"unknown config {name!r}: use one of {list(CONFIGS)} or a zipformer preset {zips}")
+    cfg = dict(CONFIGS["zipformer-m"])  # the flags' defaults, then the preset's values
+    for k in _ZIPFORMER_KEYS:
+        if k in preset:
+            cfg[k] = to_int_tuple(preset[k])
+    if "pos_dim" in preset:
+        cfg["pos_dim"] = int(preset["pos_dim"])
+    return cfg
+
+
 class EmbedAndEncoder(nn.Module):
     """Front end + encoder with one call signature, for either implementation."""
 
@@ -173,7 +196,8 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict
 
 def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="cpu-small,zipformer-s", help=f"comma list of {list(CONFIGS)}")
+    p.add_argument("--configs", default="cpu-small,zipformer-s",
+                   help=f"comma list of {list(CONFIGS)} or zipformer presets of splitformer.model.config")
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--seconds", type=float, default=10.0, help="seconds of audio per utterance")
     p.add_argument("--repeats", type=int, default=5)
@@ -189,7 +213,7 @@ def main(argv: List[str] = None) -> None:
     print(f"batch {args.batch} x {args.seconds:g} s = {audio:g} s of audio; device {device}; "
           f"threads {torch.get_num_threads()}; medians of {args.repeats}, implementations interleaved")
     for name in args.configs.split(","):
-        cfg = CONFIGS[name]
+        cfg = resolve_config(name)
         models = {}
         torch.manual_seed(0)
         models["splitformer"] = build_ours(cfg).to(device)
