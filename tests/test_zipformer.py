@@ -121,7 +121,7 @@ def test_activation_dropout_linear_gradcheck_with_dropout():
 
 # ----------------------------------------------------------------------------- small modules
 
-def test_rel_shift_indexes_by_offset():
+def test_rel_shift_indexes_by_offset(monkeypatch):
     t = 5
     offsets = torch.arange(-(t - 1), t).float()  # column j <-> offset j - (t-1)
     scores = offsets.expand(2, 3, t, 2 * t - 1) + 100 * torch.arange(t).view(1, 1, t, 1)
@@ -129,6 +129,9 @@ def test_rel_shift_indexes_by_offset():
     for q in range(t):
         for k in range(t):
             assert out[1, 2, q, k].item() == (k - q) + 100 * q
+    import splitformer.model.zipformer as zf
+    monkeypatch.setattr(zf, "_exporting", lambda: True)  # the export path (gather) agrees
+    assert zf._rel_shift(scores).equal(out)
 
 
 def test_compact_rel_pos_encoding():
@@ -316,3 +319,48 @@ def test_parameter_counts_match_icefall():
     with_ctc_s = s_enc + embed + rest(256) + 256 * 500 + 500
     with_ctc_m = m_enc + embed + rest(512) + 512 * 500 + 500
     assert abs(with_ctc_s / 23.3e6 - 1) < 0.03 and abs(with_ctc_m / 65.5e6 - 1) < 0.03
+
+
+def test_training_step_under_bf16_autocast():
+    torch.manual_seed(0)
+    embed, enc = Conv2dSubsampling(80, 32), Zipformer2(**TINY)
+    model = torch.nn.ModuleList([embed, enc]).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_lens = embed(torch.randn(2, 40, 80), torch.tensor([40, 33]))
+        [(out, _)] = enc(y, y_lens)
+        loss = out.float().pow(2).mean()
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is None or (p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()), n
+
+
+def test_onnx_export_with_dynamic_shapes(tmp_path):
+    """The traced/ONNX path (gather rel-shift, last-frame padding) matches eager at another shape."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import warnings
+
+    class EmbedEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.encoder = _embed_and_encoder()
+
+        def forward(self, x, x_lens):
+            y, y_lens = self.embed(x, x_lens)
+            [(out, out_lens)] = self.encoder(y, y_lens)
+            return out, out_lens
+
+    model = EmbedEncoder().eval()
+    path = tmp_path / "enc.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 100, 80), torch.tensor([100, 80])), str(path), dynamo=False,
+                          opset_version=17, input_names=["x", "x_lens"], output_names=["out", "out_lens"],
+                          dynamic_axes={"x": {0: "B", 1: "T"}, "x_lens": {0: "B"}, "out": {0: "B", 1: "T2"},
+                                        "out_lens": {0: "B"}})
+    x, x_lens = torch.randn(3, 157, 80), torch.tensor([157, 120, 63])
+    out, out_lens = ort.InferenceSession(str(path)).run(None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
+    with torch.no_grad():
+        ref, ref_lens = model(x, x_lens)
+    assert out_lens.tolist() == ref_lens.tolist()
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-4, rtol=1e-4)

@@ -135,7 +135,9 @@ class Conv2dSubsampling(nn.Module):
 class Conv1dSubsampling(nn.Module):
     """(B, T, in_channels) at 100 Hz -> (B, T', out_channels) at 25 Hz, the early-exit papers' front end.
 
-    Two Conv1d over time (kernel 3, stride 2, no padding), each followed by ``activation``.
+    Two Conv1d over time (kernel 3, stride 2, no padding), each followed by ``activation``. The papers'
+    public code (early-exit-transformer, Splitformer) stacks the two convs with no activation between
+    them; ``activation="none"`` reproduces that.
     Lengths: T1 = (T - 3) // 2 + 1 = (T - 1) // 2, then T' = (T1 - 1) // 2, i.e. ``T' = (T - 3) // 4``
     (for T >= 7). Without padding each output frame sees only real input frames, so the output is
     independent of batch padding.
@@ -144,7 +146,7 @@ class Conv1dSubsampling(nn.Module):
     def __init__(self, in_channels: int = 80, out_channels: int = 256, activation: str = "relu",
                  dropout: float = 0.0):
         super().__init__()
-        acts = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "swooshr": SwooshR}
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "swooshr": SwooshR, "none": nn.Identity}
         if activation not in acts:
             raise ValueError(f"Conv1dSubsampling activation must be one of {list(acts)}, got {activation!r}")
         self.in_channels = in_channels

@@ -105,12 +105,21 @@ class CompactRelPositionalEncoding(nn.Module):
         return pos
 
 
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
 def _rel_shift(pos_scores: Tensor) -> Tensor:
     """(..., T, 2T-1) scores against offsets -(T-1)..(T-1) -> (..., T, T) with [t, s] = offset s - t."""
     t = pos_scores.shape[-2]
+    if _exporting():
+        # export-friendly form: an explicit gather of column (T-1) - t + s
+        rows = torch.arange(t, device=pos_scores.device)
+        idx = (t - 1) - rows.unsqueeze(1) + rows.unsqueeze(0)
+        return torch.gather(pos_scores, -1, idx.expand(pos_scores.shape[:-1] + (t,)))
     pos_scores = pos_scores.contiguous()
     st = pos_scores.stride()
-    # row t starts at column (T-1) - t: the stride between rows is one row minus one column
+    # a strided view: row t starts at column (T-1) - t, i.e. the row stride is one row minus one column
     return pos_scores.as_strided(
         pos_scores.shape[:-2] + (t, t),
         st[:-2] + (st[-2] - st[-1], st[-1]),
@@ -293,7 +302,7 @@ class BypassModule(nn.Module):
             if rate > 0.0:
                 keep = (torch.rand(src.shape[1], 1, device=src.device) > rate).to(src.dtype)
                 scale = scale * keep  # (B, C), broadcasts over (T, B, C)
-        return src_orig + (src - src_orig) * scale
+        return torch.lerp(src_orig, src, scale)  # src_orig + (src - src_orig) * scale, in one pass
 
 
 def _sequence_mask(x: Tensor, rate: float, training: bool) -> Optional[Tensor]:
@@ -455,7 +464,7 @@ class SimpleDownsample(nn.Module):
         t, b, c = src.shape
         ds = self.downsample
         t_out = (t + ds - 1) // ds
-        need_fix = lengths is not None and bool((lengths < t).any())
+        need_fix = lengths is not None and (_exporting() or bool((lengths < t).any()))
         if need_fix or t_out * ds != t:
             src = pad_by_repeating_last(src, lengths if need_fix else None, t_out * ds)
         weights = self.bias.softmax(dim=0).to(src.dtype)
