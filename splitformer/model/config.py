@@ -78,6 +78,7 @@ _ZIPFORMER_CPU = dict(
 _EE_CONFORMER_PAPER = dict(
     encoder="early-exit",
     encoder_embed="conv1d",
+    conv1d_activation="none",  # the papers' code has none between its two convs
     layer_type="conformer",
     pos_encoding="abs",
     input_downsample=1,
@@ -150,6 +151,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="zipformer: multi-rate Zipformer2 (single exit); early-exit: one-rate stack with exits (and Splitformer branches)")
     g.add_argument("--encoder-embed", type=str, default="conv2d", choices=["conv2d", "conv1d"],
                    help="conv2d: Zipformer's x2 front end (+ConvNeXt); conv1d: the papers' x4 front end")
+    g.add_argument("--conv1d-activation", type=str, default="relu", choices=["relu", "swish", "none"],
+                   help="activation between the two convs of the conv1d front end")
     # Zipformer2 per-stack settings (comma lists, icefall's names). The early-exit encoder reads the first value.
     g.add_argument("--num-encoder-layers", type=str, default=_ZIPFORMER_M["num_encoder_layers"],
                    help="layers per stack (zipformer) or total layers (early-exit)")
@@ -196,7 +199,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Flags that define the architecture; a checkpoint must agree on all of them.
 ARCH_KEYS: Tuple[str, ...] = (
-    "encoder", "encoder_embed", "num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads",
+    "encoder", "encoder_embed", "conv1d_activation", "num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads",
     "encoder_dim", "encoder_unmasked_dim", "cnn_module_kernel", "query_head_dim", "value_head_dim", "pos_head_dim",
     "pos_dim", "use_balancers", "use_whiten", "layer_type", "pos_encoding", "input_downsample", "exit_layers",
     "split_blocks", "split_downsampling_factor", "split_num_layers", "split_downsample", "split_combine",
@@ -261,7 +264,7 @@ def build_encoder_embed(args: argparse.Namespace, out_dim: int) -> nn.Module:
     from splitformer.model.encoder_embed import Conv1dSubsampling, Conv2dSubsampling
 
     if args.encoder_embed == "conv1d":
-        return Conv1dSubsampling(in_channels=80, out_channels=out_dim)
+        return Conv1dSubsampling(in_channels=80, out_channels=out_dim, activation=args.conv1d_activation)
     return Conv2dSubsampling(in_channels=80, out_channels=out_dim, dropout=args.dropout)
 
 
