@@ -84,6 +84,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--debug-nan-batches", type=_int_list, default=[], help=HIDDEN)
     add_flag(g, "--debug-oom-batches", type=_int_list, default=[], help=HIDDEN)
     add_flag(g, "--debug-dump-batches", type=Path, default=None, help=HIDDEN)
+    add_flag(g, "--debug-float64", type=str2bool, default=False, help=HIDDEN)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,9 @@ class Trainer:
         from splitformer.model.config import build_model, exit_loss_weights
 
         model = build_model(args, self.tokenizer.vocab_size)  # sets args.vocab_size
+        if args.debug_float64:  # for tests that compare runs to 1e-5 (float32 rounding noise gets amplified by Adam)
+            model.double()
+        self.dtype = next(model.parameters()).dtype
         self.model_args = model_args_dict(args)
         try:
             self.weights = exit_loss_weights(args, list(model.exits))
@@ -165,7 +168,7 @@ class Trainer:
 
     def compute_loss(self, model: nn.Module, batch: Dict[str, Any], exits: List[int],
                      weights: Dict[int, float]):
-        feats = batch["inputs"].to(self.device, non_blocking=True)
+        feats = batch["inputs"].to(self.device, dtype=self.dtype, non_blocking=True)
         sup = batch["supervisions"]
         feat_lens = sup["num_frames"].to(self.device)
         y = self.tokenizer.encode(list(sup["text"]))

@@ -44,7 +44,7 @@ def combine_losses(
             loss = simple_scale * losses["simple"] + pruned_scale * losses["pruned"]
             parts[f"exit{e}/simple"] = float(losses["simple"].detach())
             parts[f"exit{e}/pruned"] = float(losses["pruned"].detach())
-            if "ctc" in losses and ctc_scale != 0.0:
+            if "ctc" in losses:  # even at scale 0: DDP expects a gradient for every head it saw used
                 loss = loss + ctc_scale * losses["ctc"]
         else:  # a CTC-only model (the papers' baselines): CTC is the whole loss
             loss = losses["ctc"]
