@@ -311,6 +311,8 @@ def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
         value_head_dim=_first(args.value_head_dim),
         pos_dim=args.pos_dim,
         encoder_unmasked_dim=_first(args.encoder_unmasked_dim),
+        use_balancers=args.use_balancers,
+        use_whiten=args.use_whiten,
     )
     return enc, d_model
 

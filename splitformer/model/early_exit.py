@@ -1,0 +1,299 @@
+"""Early-exit encoder: N layers at one frame rate with exits every few layers, plus Splitformer branches.
+
+Wright et al. (2023) put a CTC head after every second layer of a 12-layer Conformer; Lasbordes et al. (2025,
+"Splitformer") add, in the first and last blocks, one parallel layer that runs on a x2 frame-dropped copy of the
+block input, upsampled by repetition and summed with the block output.  This module builds both, with Conformer
+or Zipformer2 layers, and guarantees that running to exit k never executes a layer (or branch) above exit k.
+
+Terminology: ``exits[i]`` is the layer count after which exit i sits; block i is the span of layers
+``exits[i-1] < l <= exits[i]`` (with ``exits[-1] = 0``), the unit a Splitformer branch runs in parallel to.
+"""
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from splitformer.model.conformer import AbsolutePositionalEncoding, ConformerLayer, RelativePositionalEncoding
+
+LAYER_TYPES = ("zipformer", "conformer")
+DOWNSAMPLE_MODES = ("learned", "drop")
+COMBINE_MODES = ("sum", "bypass")
+
+
+def make_pad_mask(lens: Tensor, max_len: int) -> Tensor:
+    """``(B, max_len)`` bool mask, True at padded frames."""
+    return torch.arange(max_len, device=lens.device).unsqueeze(0) >= lens.unsqueeze(1)
+
+
+class Downsample(nn.Module):
+    """Reduces the frame rate by ``factor``: ``T' = ceil(T / factor)``, ``lens' = ceil(lens / factor)``.
+
+    ``"learned"``: each output frame is a learned softmax-weighted average of ``factor`` consecutive frames
+    (Zipformer's SimpleDownsample); a sequence's last, incomplete group is completed with its last valid frame,
+    so the result does not depend on how much padding the batch adds.  ``"drop"``: keep every ``factor``-th frame
+    (frames 0, f, 2f, ...), the Splitformer paper's choice; no parameters.
+    """
+
+    def __init__(self, factor: int, mode: str = "learned") -> None:
+        super().__init__()
+        if factor < 1:
+            raise ValueError(f"downsampling factor must be >= 1, got {factor}")
+        if mode not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
+        self.factor = factor
+        self.mode = mode
+        if mode == "learned" and factor > 1:
+            self.weights = nn.Parameter(torch.zeros(factor))  # softmax(0) = plain average at start
+
+    def forward(self, x: Tensor, lens: Tensor) -> Tuple[Tensor, Tensor]:
+        f = self.factor
+        new_lens = (lens + f - 1) // f
+        if f == 1:
+            return x, lens
+        if self.mode == "drop":
+            return x[:, ::f], new_lens
+        b, t, c = x.shape
+        t_out = (t + f - 1) // f
+        # replace padding (and the tail up to a multiple of f) by each sequence's last valid frame
+        last = x[torch.arange(b, device=x.device), (lens - 1).clamp(min=0)]  # (B, C)
+        idx = torch.arange(t_out * f, device=x.device).unsqueeze(0)
+        valid = (idx < lens.unsqueeze(1)).unsqueeze(-1)
+        if t_out * f > t:
+            x = torch.cat([x, x.new_zeros(b, t_out * f - t, c)], dim=1)
+        x = torch.where(valid, x, last.unsqueeze(1))
+        w = self.weights.softmax(dim=0).to(x.dtype)
+        return (x.view(b, t_out, f, c) * w.view(1, 1, f, 1)).sum(dim=2), new_lens
+
+
+def upsample_repeat(x: Tensor, factor: int, length: int) -> Tensor:
+    """Repeats each frame ``factor`` times and trims to ``length`` frames (odd lengths included)."""
+    if x.size(1) * factor < length:
+        raise ValueError(f"cannot upsample {x.size(1)} frames x{factor} to {length}")
+    return torch.repeat_interleave(x, factor, dim=1)[:, :length]
+
+
+class ZipformerLayerAdapter(nn.Module):
+    """Wraps a time-major Zipformer2EncoderLayer so that every layer here takes ``(x (B,T,C), mask, pos_emb)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, pos_emb: Optional[Tensor] = None) -> Tensor:
+        y = self.layer(x.transpose(0, 1), pos_emb, src_key_padding_mask=key_padding_mask)
+        return y.transpose(0, 1)
+
+
+class SplitBranch(nn.Module):
+    """A Splitformer branch: downsample the block input, run ``layers`` at the lower rate, upsample to the block's
+    exact length and merge with the block output.
+
+    ``combine="sum"``: ``block_out + branch`` (the paper).  ``"bypass"``: ``block_out + c * (branch - block_out)``
+    with a learned per-channel ``c`` in [0, 1], initialised at 0.5 (Zipformer's bypass style).
+    """
+
+    def __init__(self, layers: nn.ModuleList, dim: int, factor: int = 2, downsample: str = "learned",
+                 combine: str = "sum") -> None:
+        super().__init__()
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"split_combine must be one of {COMBINE_MODES}, got {combine!r}")
+        if factor < 2:
+            raise ValueError(f"split_downsampling_factor must be >= 2, got {factor}")
+        self.factor = factor
+        self.downsample = Downsample(factor, downsample)
+        self.layers = layers
+        self.combine = combine
+        if combine == "bypass":
+            self.bypass_scale = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, block_in: Tensor, block_out: Tensor, lens: Tensor,
+                pos_fn: Callable[[Tensor], Optional[Tensor]]) -> Tensor:
+        y, y_lens = self.downsample(block_in, lens)
+        mask = make_pad_mask(y_lens, y.size(1))
+        pos_emb = pos_fn(y)
+        for layer in self.layers:
+            y = layer(y, mask, pos_emb)
+        y = upsample_repeat(y, self.factor, block_out.size(1))
+        if self.combine == "sum":
+            return block_out + y
+        c = self.bypass_scale.clamp(0.0, 1.0)
+        return block_out + c * (y - block_out)
+
+
+class EarlyExitEncoder(nn.Module):
+    """``num_layers`` layers at one frame rate with a normalised exit after each layer in ``exit_layers``.
+
+    Input is the front-end output ``(B, T, d_model)``.  ``input_downsample=2`` first halves the frame rate
+    (50 Hz Conv2dSubsampling output -> 25 Hz for the transducer); 1 keeps it (the papers' x4 Conv1d front end).
+    ``split_blocks`` lists the blocks that get a parallel Splitformer branch (negative indices count from the
+    last block); empty gives the plain early-exit encoder of Wright et al.
+
+    ``pos_encoding``: ``"abs"`` adds sinusoidal positions after the (optional) input downsampling (conformer only);
+    ``"rel"`` uses relative-position attention: Transformer-XL style for conformer layers, Zipformer's own
+    CompactRelPositionalEncoding for zipformer layers (which always need it).
+    The ``query_head_dim``, ``pos_head_dim``, ``value_head_dim`` and ``pos_dim`` arguments only apply to zipformer
+    layers, as do ``use_balancers``/``use_whiten`` (Zipformer's regularisers); ``conv_norm`` only to conformer layers.  ``input_dim`` (front-end output dim, default ``d_model``)
+    gets a Linear projection when it differs from ``d_model``.  ``encoder_unmasked_dim`` is accepted so that the
+    Zipformer2 flags can be passed unchanged; this encoder does no feature masking and ignores it.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        num_layers: int = 12,
+        exit_layers: Sequence[int] = (2, 4, 6, 8, 10, 12),
+        layer_type: str = "zipformer",
+        num_heads: int = 4,
+        feedforward_dim: int = 768,
+        cnn_module_kernel: int = 31,
+        dropout: float = 0.1,
+        pos_encoding: str = "rel",
+        conv_norm: str = "batch",
+        input_downsample: int = 1,
+        input_downsample_mode: str = "learned",
+        split_blocks: Sequence[int] = (),
+        split_downsampling_factor: int = 2,
+        split_num_layers: int = 1,
+        split_downsample: str = "learned",
+        split_combine: str = "sum",
+        query_head_dim: int = 32,
+        pos_head_dim: int = 4,
+        value_head_dim: int = 12,
+        pos_dim: int = 48,
+        input_dim: Optional[int] = None,
+        encoder_unmasked_dim: Optional[int] = None,
+        use_balancers: bool = False,
+        use_whiten: bool = False,
+    ) -> None:
+        super().__init__()
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
+        if pos_encoding not in ("abs", "rel"):
+            raise ValueError(f"pos_encoding must be 'abs' or 'rel', got {pos_encoding!r}")
+        if layer_type == "zipformer" and pos_encoding != "rel":
+            raise ValueError("zipformer layers carry their own relative positions: use pos_encoding='rel' "
+                             "(or layer_type='conformer' for absolute positions)")
+        exits = [int(e) for e in exit_layers]
+        if not exits or exits != sorted(set(exits)) or exits[0] < 1 or exits[-1] != num_layers:
+            raise ValueError(f"exit_layers must be strictly increasing layer counts in 1..{num_layers} ending at "
+                             f"num_layers={num_layers}, got {tuple(exit_layers)}")
+        self.exits: List[int] = exits
+        self.output_dims: List[int] = [d_model] * len(exits)
+        self.d_model = d_model
+        self.layer_type = layer_type
+        self.pos_encoding = pos_encoding
+
+        hp = dict(d_model=d_model, num_heads=num_heads, feedforward_dim=feedforward_dim,
+                  cnn_module_kernel=cnn_module_kernel, dropout=dropout, pos_encoding=pos_encoding,
+                  conv_norm=conv_norm, query_head_dim=query_head_dim, pos_head_dim=pos_head_dim,
+                  value_head_dim=value_head_dim, pos_dim=pos_dim, use_balancers=use_balancers,
+                  use_whiten=use_whiten)
+        self.input_dim = d_model if input_dim is None else input_dim
+        self.input_proj = nn.Linear(self.input_dim, d_model) if self.input_dim != d_model else None
+        self.input_downsample = Downsample(input_downsample, input_downsample_mode)
+        if layer_type == "conformer":
+            pe_cls = AbsolutePositionalEncoding if pos_encoding == "abs" else RelativePositionalEncoding
+            self.pos_enc = pe_cls(d_model, dropout)
+        else:
+            from splitformer.model.zipformer import CompactRelPositionalEncoding
+
+            self.pos_enc = CompactRelPositionalEncoding(pos_dim, dropout)
+        self.layers = nn.ModuleList([self._make_layer(layer_type, hp) for _ in range(num_layers)])
+        self.exit_norms = nn.ModuleList([self._make_norm(layer_type, d_model) for _ in exits])
+
+        n_blocks = len(exits)
+        resolved = sorted({b % n_blocks if -n_blocks <= b < n_blocks else b for b in split_blocks})
+        bad = [b for b in resolved if not 0 <= b < n_blocks]
+        if bad or len(resolved) != len(tuple(split_blocks)):
+            raise ValueError(f"split_blocks {tuple(split_blocks)} must name distinct blocks in "
+                             f"0..{n_blocks - 1} (or negative from the end); there are {n_blocks} exits")
+        self.split_blocks: List[int] = resolved
+        self.branches = nn.ModuleDict({
+            str(b): SplitBranch(
+                nn.ModuleList([self._make_layer(layer_type, hp) for _ in range(split_num_layers)]),
+                d_model, split_downsampling_factor, split_downsample, split_combine)
+            for b in resolved
+        })
+
+    @staticmethod
+    def _make_layer(layer_type: str, hp: dict) -> nn.Module:
+        if layer_type == "conformer":
+            return ConformerLayer(hp["d_model"], hp["num_heads"], hp["feedforward_dim"], hp["cnn_module_kernel"],
+                                  hp["dropout"], hp["pos_encoding"], hp["conv_norm"])
+        from splitformer.model.zipformer import Zipformer2EncoderLayer
+
+        # the regularisers are passed only when on, so the DESIGN.md signature is all that is required otherwise
+        extra = {k: True for k in ("use_balancers", "use_whiten") if hp[k]}
+        return ZipformerLayerAdapter(Zipformer2EncoderLayer(
+            embed_dim=hp["d_model"], pos_dim=hp["pos_dim"], num_heads=hp["num_heads"],
+            query_head_dim=hp["query_head_dim"], pos_head_dim=hp["pos_head_dim"],
+            value_head_dim=hp["value_head_dim"], feedforward_dim=hp["feedforward_dim"], dropout=hp["dropout"],
+            cnn_module_kernel=hp["cnn_module_kernel"], **extra))
+
+    @staticmethod
+    def _make_norm(layer_type: str, dim: int) -> nn.Module:
+        if layer_type == "conformer":
+            return nn.LayerNorm(dim)
+        from splitformer.model.scaling import BiasNorm
+
+        return BiasNorm(dim)
+
+    def _pos_emb(self, x: Tensor) -> Optional[Tensor]:
+        """Relative position embeddings for a ``(B, T, C)`` input of this length; None with absolute positions."""
+        if self.layer_type == "zipformer":
+            return self.pos_enc(x.transpose(0, 1))
+        if self.pos_encoding == "rel":
+            return self.pos_enc(x)
+        return None
+
+    def block_layers(self, block: int) -> range:
+        """Indices into ``self.layers`` of block ``block``."""
+        start = self.exits[block - 1] if block > 0 else 0
+        return range(start, self.exits[block])
+
+    def num_exits_upto(self, max_exit: Optional[int]) -> int:
+        """How many exits sit at or below layer ``max_exit`` (all when None)."""
+        if max_exit is None:
+            return len(self.exits)
+        n = sum(1 for e in self.exits if e <= max_exit)
+        if n == 0:
+            raise ValueError(f"max_exit={max_exit} is below the first exit; exits are {self.exits}")
+        return n
+
+    def iter_exits(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None
+                   ) -> Iterator[Tuple[Tensor, Tensor]]:
+        """Yields ``(out (B, T', D), out_lens)`` for ``self.exits[0], self.exits[1], ...`` one at a time: the
+        items of ``forward``, lazily (AsrModel.iter_exits zips them with ``exits``).
+
+        The layers of block i+1 run only when the consumer asks for the next item, so a dynamic exit
+        strategy that stops iterating never pays for the layers above its exit.
+        """
+        n = self.num_exits_upto(max_exit)
+        if x.dim() != 3 or x.size(-1) != self.input_dim:
+            raise ValueError(f"EarlyExitEncoder expects (B, T, {self.input_dim}) input, got {tuple(x.shape)}")
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+        x, lens = self.input_downsample(x, x_lens)
+        if self.pos_encoding == "abs":
+            x = self.pos_enc(x)
+        mask = make_pad_mask(lens, x.size(1))
+        pos_emb = self._pos_emb(x)
+        for block in range(n):
+            block_in = x
+            for i in self.block_layers(block):
+                x = self.layers[i](x, mask, pos_emb)
+            branch = self.branches[str(block)] if block in self.split_blocks else None
+            if branch is not None:
+                x = branch(block_in, x, lens, self._pos_emb)
+            yield self.exit_norms[block](x), lens
+
+    def forward(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
+        """``[(out (B, T', D), out_lens)]`` for every exit ``<= max_exit`` (all if None), in order."""
+        return list(self.iter_exits(x, x_lens, max_exit))
+
+
+class Splitformer(EarlyExitEncoder):
+    """EarlyExitEncoder with Splitformer branches in the first and last blocks by default (Lasbordes et al. 2025)."""
+
+    def __init__(self, *args, split_blocks: Sequence[int] = (0, -1), **kwargs) -> None:
+        super().__init__(*args, split_blocks=split_blocks, **kwargs)
