@@ -65,6 +65,7 @@ def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
         SupervisionSegment(id=r.id, recording_id=r.id, start=0.0, duration=CUT_SECONDS, channel=0, text=t)
         for r, t in picked)
     cuts = CutSet.from_manifests(recordings=recs, supervisions=sups).truncate(max_duration=CUT_SECONDS, offset_type="start")
+    cuts = CutSet.from_cuts(c.with_id(c.recording_id) for c in cuts)  # readable, stable ids
     cuts = cuts.compute_and_store_features(Fbank(FbankConfig(num_mel_bins=80)), storage_path=data / "fbank" / "feats",
                                            storage_type=LilcomChunkyWriter, num_jobs=1).to_eager()
     ids = sorted(c.id for c in cuts)
