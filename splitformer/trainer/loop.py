@@ -187,6 +187,9 @@ class Trainer:
         a, ctx = self.args, self.ctx
         binfo = batch_info(batch)
         loss, info, oom = None, None, False
+        # Buffers (BatchNorm statistics, counters) change in the forward pass; a skipped batch
+        # must not leave NaNs or its statistics in them.
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
             loss, info = self.compute_loss(self.train_model, batch, self.trained_exits, self.weights)
             if self.batch_idx_train in a.debug_nan_batches:
@@ -200,6 +203,7 @@ class Trainer:
         bad_loss = (not oom) and not bool(torch.isfinite(loss.detach()))
         any_oom, any_bad_loss = any_true(ctx, oom, bad_loss)
         if any_oom:
+            self._restore(buffers)
             self._skip_oom(binfo)
             return None
         try:
@@ -212,12 +216,14 @@ class Trainer:
             if ctx.distributed:
                 raise TrainingError(f"out of memory in backward on rank {ctx.rank} ({binfo.describe()}); "
                                     f"ranks cannot be resynchronised: lower --max-duration") from e
+            self._restore(buffers)
             self._skip_oom(binfo)
             return None
         if diag is not None:
             diag.after_backward()
         if any_bad_loss or (not a.use_fp16 and not grads_finite(self.model.parameters())):
             self.optimizer.zero_grad(set_to_none=True)
+            self._restore(buffers)
             ids = [i for r in gather(ctx, binfo.cut_ids) for i in r]
             reason = "non-finite loss" if any_bad_loss else "non-finite gradient"
             self.guard.record(self.batch_idx_train, reason, ids)
@@ -226,6 +232,12 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return info
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(buffers) -> None:
+        for b, saved in buffers:
+            b.copy_(saved)
 
     def _skip_oom(self, binfo) -> None:
         self.optimizer.zero_grad(set_to_none=True)
