@@ -4,9 +4,10 @@ process with twice the batch ends.
 How the two runs are made comparable: every cut lasts exactly 2 s, so --max-duration 4 gives
 batches of 2 cuts and --max-duration 8 batches of 4; the Lhotse sampler (same seed) orders the
 cuts the same way in both runs and gives rank r the r-th of each pair of batches, so the two
-ranks together see exactly the single process's batch.  Dropout and SpecAugment are off, and
---ctc-loss-scale 0 because the CTC head has its own fixed dropout (the RNG streams of two ranks
-and of one process differ, so any dropout would make the runs differ).  The model runs in
+ranks together see exactly the single process's batch.  SpecAugment is off and the model's
+forward is deterministic (hidden --debug-eval-mode: no dropout, no Zipformer layer skipping,
+no BatchNorm batch statistics -- all of which depend on the batch's composition or on each
+process's RNG stream, so would make the runs differ by design).  The model runs in
 float64 (hidden --debug-float64): in float32 the two sums of the same gradients differ by
 rounding, and Adam's first steps turn the sign of near-zero gradient entries into full-size
 updates (~1e-3 apart after one epoch).
@@ -19,9 +20,8 @@ import torch
 
 from test_train_support import load_weights, max_abs_diff, run_train, tiny_data  # noqa: F401
 
-COMMON = ["--num-epochs", "1", "--seed", "3", "--dropout", "0", "--spec-aug", "false", "--shuffle", "false", "--save-every-n", "0",
-          "--warm-step", "2", "--ctc-loss-scale", "0",
-          "--debug-float64", "true"]
+COMMON = ["--num-epochs", "1", "--seed", "3", "--enable-spec-aug", "false", "--shuffle", "false",
+          "--save-every-n", "0", "--warm-step", "2", "--debug-eval-mode", "true", "--debug-float64", "true"]
 
 
 def _free_port() -> int:

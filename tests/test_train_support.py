@@ -18,10 +18,11 @@ CUT_SECONDS = 2.0  # every cut has exactly this duration: batches then hold a fi
 
 # A model with two exits that runs a batch in a fraction of a second on one core.
 TINY_MODEL = [
-    "--encoder", "early-exit", "--layer-type", "conformer", "--pos-encoding", "abs",
-    "--encoder-embed", "conv1d", "--input-downsample", "1",
-    "--num-encoder-layers", "2", "--exit-layers", "1,2", "--encoder-dim", "16",
-    "--feedforward-dim", "32", "--num-heads", "2", "--cnn-module-kernel", "3",
+    "--encoder", "early-exit", "--layer-type", "zipformer", "--pos-encoding", "rel",
+    "--encoder-embed", "conv2d", "--input-downsample", "2",
+    "--num-encoder-layers", "2", "--exit-layers", "1,2", "--encoder-dim", "16", "--encoder-unmasked-dim", "16",
+    "--feedforward-dim", "32", "--num-heads", "2", "--query-head-dim", "4", "--value-head-dim", "4",
+    "--pos-head-dim", "2", "--pos-dim", "8", "--cnn-module-kernel", "3",
     "--decoder-dim", "16", "--joiner-dim", "16", "--split-blocks", "",
 ]
 
@@ -37,10 +38,50 @@ def _an4_utterances(an4_dir: Path, split: str):
         yield uid, " ".join(words), an4_dir / "wav" / sub / spk / f"{uid}.sph"
 
 
+def _pick(items, n: int):
+    """The first n (recording-or-cut, text) pairs long enough to cut to CUT_SECONDS, with short texts
+    (so that CTC can align them in CUT_SECONDS)."""
+    out = []
+    for item, text in items:
+        if len(text.replace(" ", "")) <= 8 and item.duration >= CUT_SECONDS + 0.1:
+            out.append((item, text))
+        if len(out) == n:
+            return out
+    raise AssertionError(f"AN4 has fewer than {n} short utterances")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
     """A ``data/`` directory laid out as ./prepare.sh makes it, with 16 train and 4 dev cuts
-    of exactly CUT_SECONDS each (AN4 utterances with short transcripts, truncated)."""
+    of exactly CUT_SECONDS each (AN4 utterances with short transcripts, truncated).
+
+    Built from the session's prepared AN4 (tests/an4_fixture.py: ./prepare.sh output, its
+    features and BPE model) when that fixture exists, else prepared here with lhotse."""
+    from lhotse import CutSet, load_manifest
+
+    root = tmp_path_factory.mktemp("an4tiny")
+    data = root / "data"
+    (data / "fbank").mkdir(parents=True)
+    try:
+        from an4_fixture import prepared_an4
+    except ImportError:
+        prepared_an4 = None
+    if prepared_an4 is not None:
+        full = prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+        train = load_manifest(full / "fbank" / "an4_cuts_train.jsonl.gz")
+        picked = _pick(((c, c.supervisions[0].text) for c in train), 20)
+        cuts = CutSet.from_cuts(c for c, _ in picked).truncate(max_duration=CUT_SECONDS, offset_type="start")
+        (data / "lang_bpe_30").symlink_to(full / "lang_bpe_30")
+    else:
+        cuts = _prepare_here(an4_dir, data)
+    cuts = CutSet.from_cuts(c.with_id(c.supervisions[0].recording_id) for c in cuts)  # short, stable ids
+    ids = sorted(c.id for c in cuts)
+    cuts.subset(cut_ids=ids[:16]).to_file(data / "fbank" / "an4_cuts_train.jsonl.gz")
+    cuts.subset(cut_ids=ids[16:]).to_file(data / "fbank" / "an4_cuts_dev.jsonl.gz")
+    return data
+
+
+def _prepare_here(an4_dir: Path, data: Path):
     import sentencepiece as spm
     from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter, Recording, RecordingSet
     from lhotse import SupervisionSegment, SupervisionSet
@@ -48,41 +89,28 @@ def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
     from splitformer.data import use_soundfile_for_sphere
 
     use_soundfile_for_sphere()  # AN4 is NIST SPHERE; lhotse would want sph2pipe
-    root = tmp_path_factory.mktemp("an4tiny")
-    data = root / "data"
-    (data / "fbank").mkdir(parents=True)
-    picked = []
-    for uid, text, path in _an4_utterances(an4_dir, "train"):
-        if len(text.replace(" ", "")) <= 8 and path.is_file():
-            rec = Recording.from_file(path, recording_id=uid)
-            if rec.duration >= CUT_SECONDS + 0.1:
-                picked.append((rec, text))
-        if len(picked) == 20:
-            break
-    assert len(picked) == 20, "AN4 has fewer short utterances than expected"
+    utts = [(Recording.from_file(p, recording_id=u), t) for u, t, p in _an4_utterances(an4_dir, "train")
+            if p.is_file() and len(t.replace(" ", "")) <= 8][:60]
+    picked = _pick(utts, 20)
     recs = RecordingSet.from_recordings(r for r, _ in picked)
     sups = SupervisionSet.from_segments(
         SupervisionSegment(id=r.id, recording_id=r.id, start=0.0, duration=CUT_SECONDS, channel=0, text=t)
         for r, t in picked)
     cuts = CutSet.from_manifests(recordings=recs, supervisions=sups).truncate(max_duration=CUT_SECONDS, offset_type="start")
-    cuts = CutSet.from_cuts(c.with_id(c.recording_id) for c in cuts)  # readable, stable ids
     cuts = cuts.compute_and_store_features(Fbank(FbankConfig(num_mel_bins=80)), storage_path=data / "fbank" / "feats",
                                            storage_type=LilcomChunkyWriter, num_jobs=1).to_eager()
-    ids = sorted(c.id for c in cuts)
-    cuts.subset(cut_ids=ids[:16]).to_file(data / "fbank" / "an4_cuts_train.jsonl.gz")
-    cuts.subset(cut_ids=ids[16:]).to_file(data / "fbank" / "an4_cuts_dev.jsonl.gz")
     lang = data / "lang_bpe_30"
     lang.mkdir()
-    text_file = root / "text.txt"
+    text_file = data / "text.txt"
     text_file.write_text("\n".join(t for _, t, _ in _an4_utterances(an4_dir, "train")) + "\n")
     spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(lang / "bpe"), model_type="bpe",
                                    vocab_size=30, character_coverage=1.0, user_defined_symbols=["<blk>", "<sos/eos>"],
                                    unk_id=2, bos_id=-1, eos_id=-1, minloglevel=2)
-    return data
+    return cuts
 
 
 def data_flags(data: Path) -> List[str]:
-    return ["--data-dir", str(data), "--dataset", "an4", "--num-workers", "0", "--num-buckets", "2"]
+    return ["--manifest-dir", str(data / "fbank"), "--dataset", "an4", "--num-workers", "0", "--num-buckets", "2"]
 
 
 def run_train(args: Sequence[str], data: Path, check: bool = True, env: Dict[str, str] = None,

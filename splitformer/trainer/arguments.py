@@ -45,6 +45,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
              help="Resume from exp-dir/epoch-(N-1).pt when N > 1.")
     add_flag(g, "--start-batch", type=int, default=0,
              help="Resume mid-epoch from exp-dir/checkpoint-N.pt (takes precedence over --start-epoch).")
+    add_flag(g, "--bpe-model", type=Path, default=None,
+             help="sentencepiece model (default: <manifest-dir>/../lang_bpe_<N>/bpe.model as ./prepare.sh writes it).")
     add_flag(g, "--seed", type=int, default=42, help="Seed; each epoch reseeds with seed + epoch - 1.")
     # distributed
     add_flag(g, "--world-size", type=int, default=1,
@@ -85,6 +87,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--debug-oom-batches", type=_int_list, default=[], help=HIDDEN)
     add_flag(g, "--debug-dump-batches", type=Path, default=None, help=HIDDEN)
     add_flag(g, "--debug-float64", type=str2bool, default=False, help=HIDDEN)
+    add_flag(g, "--debug-eval-mode", type=str2bool, default=False, help=HIDDEN)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,10 +95,14 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
 
         self.dm = parts.build_datamodule(args)
-        check_max_duration(parts.train_cut_durations(self.dm), float(args.max_duration), "the training set")
-        self.train_dl = parts.train_loader(self.dm)
+        cuts = parts.train_cuts(self.dm, self.tokenizer)
+        check_max_duration(((c.id, float(c.duration)) for c in cuts), float(args.max_duration), "the training set")
+        self.train_dl = parts.train_loader(self.dm, cuts, ctx.world_size, ctx.rank, args.seed)
         self.valid_dl = parts.valid_loader(self.dm)
         self.sampler = parts.sampler_of(self.train_dl)
+        # Sampler state right after the last batch trained on (batches carry it: with DataLoader
+        # workers the sampler itself runs ahead by the prefetched batches).
+        self.sampler_state: Optional[Dict[str, Any]] = None
         self.tb = None
         if ctx.is_main and args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -137,7 +141,7 @@ class Trainer:
             model_avg=self.model_avg.state_dict() if self.model_avg is not None else None,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
-            sampler=self.sampler.state_dict(),
+            sampler=self.sampler_state if self.sampler_state is not None else self.sampler.state_dict(),
             grad_scaler=self.scaler.state_dict(),
             rng=rng,
             args=self.model_args,
@@ -281,7 +285,7 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> None:
         a, ctx = self.args, self.ctx
-        self.train_model.train()
+        self.set_train_mode()
         it, batch_idx_epoch = self._epoch_iterator(epoch)
         t0 = time.time()
         utts0 = self.epoch_metrics.sums.get("utterances", 0.0)
@@ -300,6 +304,7 @@ class Trainer:
             set_batch_count(self.model, self.batch_idx_train * a.max_duration * ctx.world_size / REF_DURATION)
             if dump is not None:
                 dump.write(f"{epoch}\t{self.batch_idx_train}\t{' '.join(batch_info(batch).cut_ids)}\n")
+            self.sampler_state = batch.pop("sampler_state", None)
             info = self.train_step(batch)
             self.scheduler.step_batch(self.batch_idx_train)
             if info is not None:
@@ -335,6 +340,11 @@ class Trainer:
         if ctx.is_main:
             self._log_epoch(epoch, train, valid, train_time)
 
+    def set_train_mode(self) -> None:
+        # --debug-eval-mode (tests only): a deterministic forward (no dropout, layer skipping or
+        # BatchNorm batch statistics), so that differently batched runs can be compared exactly.
+        self.train_model.train(not self.args.debug_eval_mode)
+
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -360,7 +370,7 @@ class Trainer:
         for batch in self.valid_dl:
             _, info = self.compute_loss(model, batch, self.trained_exits, self.weights)
             tot.add(info)
-        model.train()
+        self.set_train_mode()
         return tot.all_reduce(self.device)
 
     # ------------------------------------------------------------------ logging

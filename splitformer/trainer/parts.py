@@ -2,6 +2,7 @@
 checkpoint I/O, averaging).  Keeping the calls here makes the loop independent of
 their constructors' details."""
 import argparse
+from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -14,38 +15,41 @@ def build_datamodule(args: argparse.Namespace):
     return AsrDataModule(args)
 
 
+def bpe_model_path(args: argparse.Namespace) -> Path:
+    """``--bpe-model``, or ``<manifest-dir>/../lang_bpe_<N>/bpe.model`` with the corpus's BPE size,
+    where ./prepare.sh writes it."""
+    if getattr(args, "bpe_model", None):
+        return Path(args.bpe_model)
+    from splitformer.data.recipes import get_dataset
+
+    vocab = get_dataset(args.dataset).default_vocab_size
+    return Path(args.manifest_dir).parent / f"lang_bpe_{vocab}" / "bpe.model"
+
+
 def build_tokenizer(args: argparse.Namespace):
     from splitformer.data.tokenizer import Tokenizer
 
-    bpe = getattr(args, "bpe_model", None)
-    if not bpe:
-        from pathlib import Path
-        from splitformer.data.recipes import get_dataset
-
-        vocab = getattr(args, "vocab_size_bpe", None) or get_dataset(args.dataset).default_vocab_size
-        bpe = Path(getattr(args, "data_dir", "data")) / f"lang_bpe_{vocab}" / "bpe.model"
-    return Tokenizer(bpe)
+    return Tokenizer(bpe_model_path(args))
 
 
-def train_cut_durations(dm) -> Iterable[Tuple[str, float]]:
-    return ((c.id, float(c.duration)) for c in dm.train_cuts())
+def train_cuts(dm, tokenizer):
+    """Training cuts without those the model cannot learn from (too short for their transcript,
+    longer than --max-cut-duration); the data module logs each one it leaves out."""
+    return dm.filter_cuts(dm.train_cuts(), tokenizer)
 
 
-def train_loader(dm):
-    return dm.train_dataloaders(dm.train_cuts())
+def train_loader(dm, cuts, world_size: int, rank: int, seed: int):
+    return dm.train_dataloader(cuts, sampler_state_dict=None, world_size=world_size, rank=rank, seed=seed)
 
 
 def valid_loader(dm):
-    return dm.valid_dataloaders(dm.dev_cuts())
+    return dm.valid_dataloader(dm.dev_cuts())
 
 
 def sampler_of(dl):
-    """The Lhotse sampler behind a loader (it carries the epoch and the position in it)."""
+    """The sampler behind a loader (it carries the epoch and the position in it)."""
     s = getattr(dl, "sampler", None)
     if s is not None and hasattr(s, "state_dict") and hasattr(s, "set_epoch"):
-        return s
-    s = getattr(getattr(dl, "dataset", None), "sampler", None)
-    if s is not None:
         return s
     raise TypeError(f"cannot find the Lhotse sampler of {type(dl).__name__}")
 
