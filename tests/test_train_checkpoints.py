@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from test_train_support import run_train, tiny_data  # noqa: F401
+from test_train_support import tiny_data, train_here  # noqa: F401
 
 COMMON = ["--max-duration", "8", "--seed", "1"]
 
@@ -12,16 +12,16 @@ COMMON = ["--max-duration", "8", "--seed", "1"]
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     exp = tmp_path_factory.mktemp("ckpt") / "exp"
-    run_train([*COMMON, "--num-epochs", "1", "--save-every-n", "2", "--exp-dir", str(exp)], tiny_data)
+    assert train_here([*COMMON, "--num-epochs", "1", "--save-every-n", "2", "--exp-dir", str(exp)], tiny_data)[0] == 0
     assert (exp / "checkpoint-2.pt").is_file() and (exp / "epoch-1.pt").is_file()
     return exp
 
 
 def _resume(exp, tiny_data, *flags):
-    p = run_train([*COMMON, "--num-epochs", "2", "--exp-dir", str(exp), *flags], tiny_data, check=False)
-    assert p.returncode == 1, p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    return p.stderr
+    rc, err = train_here([*COMMON, "--num-epochs", "2", "--exp-dir", str(exp), *flags], tiny_data)
+    assert rc == 1, err[-3000:]
+    assert "train.py: error: " in err and "Traceback" not in err, err[-3000:]
+    return err
 
 
 def test_truncated_checkpoint(trained, tiny_data, tmp_path):

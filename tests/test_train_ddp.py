@@ -18,7 +18,7 @@ import socket
 
 import torch
 
-from test_train_support import load_weights, max_abs_diff, run_train, tiny_data  # noqa: F401
+from test_train_support import load_weights, max_abs_diff, run_train, tiny_data, train_here  # noqa: F401
 
 COMMON = ["--num-epochs", "1", "--seed", "3", "--enable-spec-aug", "false", "--shuffle", "false",
           "--save-every-n", "0", "--warm-step", "2", "--debug-eval-mode", "true", "--debug-float64", "true"]
@@ -41,8 +41,9 @@ def _batches(path):
 
 def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(tiny_data, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_train([*COMMON, "--exp-dir", str(single), "--max-duration", "8",
-               "--debug-dump-batches", str(single / "batches")], tiny_data)
+    rc, err = train_here([*COMMON, "--exp-dir", str(single), "--max-duration", "8",
+                          "--debug-dump-batches", str(single / "batches")], tiny_data)
+    assert rc == 0, err[-3000:]
     run_train([*COMMON, "--exp-dir", str(ddp), "--max-duration", "4", "--world-size", "2",
                "--master-port", str(_free_port()), "--debug-dump-batches", str(ddp / "batches")], tiny_data)
 

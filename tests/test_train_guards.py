@@ -3,7 +3,7 @@ cut ids; --max-bad-batches 0 stops at the first bad batch; a --max-duration shor
 longest cut is refused before training."""
 import torch
 
-from test_train_support import CUT_SECONDS, load_weights, max_abs_diff, run_train, tiny_data  # noqa: F401
+from test_train_support import CUT_SECONDS, load_weights, max_abs_diff, tiny_data, train_here  # noqa: F401
 
 COMMON = ["--num-epochs", "1", "--max-duration", "8", "--seed", "5"]
 
@@ -14,9 +14,10 @@ def _log(exp):
 
 def test_nan_and_oom_batches_are_skipped_and_counted(tiny_data, tmp_path):
     exp = tmp_path / "exp"
-    run_train([*COMMON, "--exp-dir", str(exp), "--save-every-n", "1", "--keep-last-k", "0",
-               "--debug-nan-batches", "2", "--debug-oom-batches", "3", "--max-bad-batches", "1",
-               "--debug-dump-batches", str(tmp_path / "batches")], tiny_data)
+    rc, err = train_here([*COMMON, "--exp-dir", str(exp), "--save-every-n", "1", "--keep-last-k", "0",
+                          "--debug-nan-batches", "2", "--debug-oom-batches", "3", "--max-bad-batches", "1",
+                          "--debug-dump-batches", str(tmp_path / "batches")], tiny_data)
+    assert rc == 0, err[-3000:]
     cuts = {int(b): ids.split() for _, b, ids in
             (line.split("\t") for line in (tmp_path / "batches.rank0").read_text().splitlines())}
     log = _log(exp)
@@ -38,17 +39,16 @@ def test_nan_and_oom_batches_are_skipped_and_counted(tiny_data, tmp_path):
 
 
 def test_max_bad_batches_zero_stops_at_the_first(tiny_data, tmp_path):
-    p = run_train([*COMMON, "--exp-dir", str(tmp_path / "exp"), "--debug-nan-batches", "2",
-                   "--max-bad-batches", "0"], tiny_data, check=False)
-    assert p.returncode == 1, p.stderr[-3000:]
-    assert "error: stopping: 1 batch(es) with a non-finite loss or gradient" in p.stderr
-    assert "--max-bad-batches 0" in p.stderr and "Traceback" not in p.stderr
+    rc, err = train_here([*COMMON, "--exp-dir", str(tmp_path / "exp"), "--debug-nan-batches", "2",
+                          "--max-bad-batches", "0"], tiny_data)
+    assert rc == 1, err[-3000:]
+    assert "train.py: error: stopping: 1 batch(es) with a non-finite loss or gradient" in err
+    assert "--max-bad-batches 0" in err and "Traceback" not in err
     assert not (tmp_path / "exp" / "epoch-1.pt").exists()
 
 
 def test_max_duration_below_longest_cut_is_refused_up_front(tiny_data, tmp_path):
-    p = run_train(["--num-epochs", "1", "--max-duration", "1.5", "--exp-dir", str(tmp_path / "exp")],
-                  tiny_data, check=False)
-    assert p.returncode == 1
-    assert "--max-duration 1.5 s is shorter than 16 of 16 cuts" in p.stderr
-    assert f"lasts {CUT_SECONDS:.2f} s" in p.stderr
+    rc, err = train_here(["--num-epochs", "1", "--max-duration", "1.5", "--exp-dir", str(tmp_path / "exp")], tiny_data)
+    assert rc == 1
+    assert "--max-duration 1.5 s is shorter than 16 of 16 cuts" in err
+    assert f"lasts {CUT_SECONDS:.2f} s" in err

@@ -5,7 +5,7 @@ import signal
 
 import torch
 
-from test_train_support import load_weights, max_abs_diff, run_train, tiny_data  # noqa: F401
+from test_train_support import load_weights, max_abs_diff, run_train, tiny_data, train_here  # noqa: F401
 
 # 16 cuts of 2 s, 8 s per batch: 4 batches per epoch, 8 in two epochs.
 COMMON = ["--num-epochs", "2", "--max-duration", "8", "--save-every-n", "2", "--keep-last-k", "2",
@@ -14,14 +14,14 @@ COMMON = ["--num-epochs", "2", "--max-duration", "8", "--save-every-n", "2", "--
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run_train([*COMMON, "--exp-dir", str(ref)], tiny_data)
+    assert train_here([*COMMON, "--exp-dir", str(ref)], tiny_data)[0] == 0
 
     # Killed after batch 3 of epoch 1: checkpoint-2.pt exists, batch 3's update is lost.
     p = run_train([*COMMON, "--exp-dir", str(cut), "--debug-kill-after-batch", "3"], tiny_data, check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert (cut / "checkpoint-2.pt").is_file() and not (cut / "epoch-1.pt").exists()
 
-    run_train([*COMMON, "--exp-dir", str(cut), "--start-batch", "2"], tiny_data)
+    assert train_here([*COMMON, "--exp-dir", str(cut), "--start-batch", "2"], tiny_data)[0] == 0
     a, b = ref / "epoch-2.pt", cut / "epoch-2.pt"
     diff = max_abs_diff(load_weights(a), load_weights(b))
     assert diff <= 1e-5, f"resumed weights differ from the uninterrupted run by {diff}"

@@ -38,6 +38,9 @@ def _an4_utterances(an4_dir: Path, split: str):
         yield uid, " ".join(words), an4_dir / "wav" / sub / spk / f"{uid}.sph"
 
 
+_TINY_CACHE: Dict[str, Path] = {}
+
+
 def _pick(items, n: int):
     """The first n (recording-or-cut, text) pairs long enough to cut to CUT_SECONDS, with short texts
     (so that CTC can align them in CUT_SECONDS)."""
@@ -59,6 +62,9 @@ def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
     features and BPE model) when that fixture exists, else prepared here with lhotse."""
     from lhotse import CutSet, load_manifest
 
+    key = str(tmp_path_factory.getbasetemp())
+    if key in _TINY_CACHE:  # each test module imports this fixture: build it once per session
+        return _TINY_CACHE[key]
     root = tmp_path_factory.mktemp("an4tiny")
     data = root / "data"
     (data / "fbank").mkdir(parents=True)
@@ -78,6 +84,7 @@ def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
     ids = sorted(c.id for c in cuts)
     cuts.subset(cut_ids=ids[:16]).to_file(data / "fbank" / "an4_cuts_train.jsonl.gz")
     cuts.subset(cut_ids=ids[16:]).to_file(data / "fbank" / "an4_cuts_dev.jsonl.gz")
+    _TINY_CACHE[key] = data
     return data
 
 
@@ -125,6 +132,26 @@ def run_train(args: Sequence[str], data: Path, check: bool = True, env: Dict[str
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def train_here(args: Sequence[str], data: Path):
+    """Run train.py's ``main`` in this process (no interpreter start-up): (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from splitformer.trainer import main
+
+    argv = [*TINY_MODEL, *data_flags(data), "--progress-bar", "false", "--tensorboard", "false",
+            "--log-interval", "1", *args]
+    err = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1), so that results can be compared
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return rc, err.getvalue()
 
 
 def load_weights(path: Path, key: str = "model") -> Dict[str, torch.Tensor]:

@@ -17,21 +17,27 @@ from splitformer.trainer.guards import TrainingError
 def setup_logging(exp_dir: Path, rank: int, world_size: int) -> None:
     """Rank 0 logs to the console and exp-dir/log/log-train-<date>; other ranks only warn."""
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    teardown_logging()
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}/{world_size}] %(message)s")
-    console = logging.StreamHandler()
-    console.setFormatter(fmt)
-    root.addHandler(console)
+    handlers: list = [logging.StreamHandler()]
     if rank == 0:
         (exp_dir / "log").mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-        fh = logging.FileHandler(exp_dir / "log" / f"log-train-{stamp}")
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-        root.setLevel(logging.INFO)
-    else:
-        root.setLevel(logging.WARNING)
+        handlers.append(logging.FileHandler(exp_dir / "log" / f"log-train-{stamp}"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        h._splitformer = True  # ours to remove: other handlers (e.g. pytest's) stay
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+
+
+def teardown_logging() -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_splitformer", False):
+            root.removeHandler(h)
+            h.close()
 
 
 def _worker(rank: int, world_size: int, args: argparse.Namespace, local_rank: Optional[int] = None,
@@ -50,6 +56,7 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace, local_rank: Op
         Trainer(args, ctx).fit()
     finally:
         cleanup(ctx)
+        teardown_logging()
 
 
 def run_training(argv: Optional[Sequence[str]] = None) -> None:
