@@ -52,6 +52,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--world-size", type=int, default=1,
              help="Number of processes train.py spawns (ignored under torchrun, which sets WORLD_SIZE).")
     add_flag(g, "--master-port", type=int, default=12354, help="Rendezvous port for --world-size > 1.")
+    add_flag(g, "--find-unused-parameters", type=str2bool, default=True,
+             help="DDP's find_unused_parameters: needed when some exits are not trained and by the "
+                  "Zipformer's random module skipping (which changes the graph from batch to batch).")
     add_flag(g, "--device", type=str, default="auto",
              help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda or cuda:N.")
     # speed

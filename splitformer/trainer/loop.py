@@ -89,8 +89,7 @@ class Trainer:
         self.train_model: nn.Module = model
         if ctx.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # Some heads (other exits, CTC) may not take part in every loss.
-            self.train_model = DDP(model, device_ids=ids, find_unused_parameters=True)
+            self.train_model = DDP(model, device_ids=ids, find_unused_parameters=bool(args.find_unused_parameters))
         if args.compile:
             self.train_model = torch.compile(self.train_model)
 
