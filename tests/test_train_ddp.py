@@ -20,7 +20,8 @@ import torch
 
 from test_train_support import load_weights, max_abs_diff, run_train, tiny_data, train_here  # noqa: F401
 
-COMMON = ["--num-epochs", "1", "--seed", "3", "--enable-spec-aug", "false", "--shuffle", "false",
+# Batch 2 runs out of memory and batch 5 has a NaN loss in both runs: all ranks must skip them together.
+COMMON = ["--num-epochs", "2", "--seed", "3", "--debug-oom-batches", "2", "--debug-nan-batches", "5", "--enable-spec-aug", "false", "--shuffle", "false",
           "--save-every-n", "0", "--warm-step", "2", "--debug-eval-mode", "true", "--debug-float64", "true"]
 
 
@@ -49,17 +50,19 @@ def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(tiny_data, tmp_pa
 
     one = _batches(single / "batches.rank0")
     r0, r1 = _batches(ddp / "batches.rank0"), _batches(ddp / "batches.rank1")
-    assert len(one) == len(r0) == len(r1) == 4
+    assert len(one) == len(r0) == len(r1) == 8
     for b in one:
         assert r0[b] and r1[b] and not (r0[b] & r1[b]), f"batch {b}: ranks share cuts"
         assert r0[b] | r1[b] == one[b], f"batch {b}: the ranks' cuts are not the single process's batch"
 
     w0, w1 = torch.load(ddp / "batches.rank0.pt", weights_only=True), torch.load(ddp / "batches.rank1.pt", weights_only=True)
     assert max_abs_diff(w0, w1) == 0.0, "DDP ranks diverged"
-    assert max_abs_diff(w0, load_weights(ddp / "epoch-1.pt")) == 0.0
-    assert max_abs_diff(w0, load_weights(ddp / "epoch-1.pt")) == 0.0
-    diff = max_abs_diff(w0, load_weights(single / "epoch-1.pt"))
+    assert max_abs_diff(w0, load_weights(ddp / "epoch-2.pt")) == 0.0
+    diff = max_abs_diff(w0, load_weights(single / "epoch-2.pt"))
     assert diff <= 1e-5, f"DDP x2 differs from one process with twice the batch by {diff}"
     # only rank 0 writes the log and checkpoints
     assert len(list((ddp / "log").glob("log-train-*"))) == 1
-    assert "epoch 1:" in (ddp / "log" / "epochs.txt").read_text()
+    assert "bad batches 1," in (ddp / "log" / "epochs.txt").read_text().splitlines()[-1]
+    log = next((ddp / "log").glob("log-train-*")).read_text()
+    assert "batch 2: out of memory, skipped. rank 0: 2 cuts" in log and "| rank 1: 2 cuts" in log
+    assert "batch 5: non-finite loss; skipped (bad batch 1)" in log
