@@ -14,7 +14,9 @@ MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the OS instead of 
 tracemalloc cannot see torch's allocations; this counts every byte the process touches.
 
   python bench/rnnt_loss.py                        # both sizes, table on stdout
-  python bench/rnnt_loss.py --sizes 16,250,60,500 --repeats 3
+  python bench/rnnt_loss.py --sizes 16,250,60,500 --repeats 3 --no-full   # quick look
+
+Rows "recursion" time mutual_information_recursion(return_grad=True) alone on the smoothed lattice.
 """
 import argparse
 import json
@@ -71,6 +73,20 @@ def full_lattice(mod, am, lm, symbols, boundary, prune_range: int) -> float:
     return float(loss.detach())
 
 
+_LATTICE_CACHE: Dict[str, object] = {}  # holds `am` itself, so a new tensor can never match by a reused id
+
+
+def recursion_only(mod, am, lm, symbols, boundary, prune_range: int) -> float:
+    """mutual_information_recursion with return_grad=True on the smoothed (B,S,T+1) lattice: the only part
+    of the recipe that differs between backends beyond plain torch ops (px, py are built once, untimed)."""
+    if _LATTICE_CACHE.get("am") is not am:
+        _LATTICE_CACHE["am"] = am
+        _LATTICE_CACHE["pxy"] = torch_rnnt.get_rnnt_logprobs_smoothed(lm, am, symbols, 0, 0.25, 0.0, boundary)
+    px, py = _LATTICE_CACHE["pxy"]
+    scores, _ = mod.mutual_information_recursion(px, py, boundary=boundary, return_grad=True)
+    return float(-scores.sum())
+
+
 def backends() -> Dict[str, object]:
     out: Dict[str, object] = {"torch": torch_rnnt}
     try:
@@ -87,6 +103,8 @@ CASES: Dict[str, Tuple[str, Callable]] = {
     "pruned/fast_rnnt": ("fast_rnnt", pruned_recipe),
     "full/torch": ("torch", full_lattice),
     "full/fast_rnnt": ("fast_rnnt", full_lattice),
+    "recursion/torch": ("torch", recursion_only),
+    "recursion/fast_rnnt": ("fast_rnnt", recursion_only),
 }
 
 

@@ -115,3 +115,25 @@ def test_dispatcher_uses_fast_rnnt_and_agrees():
     torch.testing.assert_close(got, ref, **TOL)
     assert pruned.dtype == torch.float32
     torch.testing.assert_close(pruned, ref_pruned, **TOL)
+
+
+@pytest.mark.parametrize("rnnt_type", TYPES)
+def test_lattice_logprob_helpers_match(rnnt_type):
+    am, lm, symbols, boundary = _inputs(11, B=3, T=12, U=5, V=9, rnnt_type=rnnt_type)
+    common = dict(symbols=symbols, termination_symbol=0, boundary=boundary, rnnt_type=rnnt_type)
+    pairs = [
+        (R.get_rnnt_logprobs(lm=lm, am=am, **common), fast_rnnt.get_rnnt_logprobs(lm=lm, am=am, **common)),
+        (R.get_rnnt_logprobs_smoothed(lm=lm, am=am, lm_only_scale=0.2, am_only_scale=0.1, **common),
+         fast_rnnt.get_rnnt_logprobs_smoothed(lm=lm, am=am, lm_only_scale=0.2, am_only_scale=0.1, **common)),
+    ]
+    full = _joiner(am[:, :, None], lm[:, None])
+    pairs.append((R.get_rnnt_logprobs_joint(full, **common), fast_rnnt.get_rnnt_logprobs_joint(full, **common)))
+    ranges = torch.clamp(torch.arange(12).view(1, 12, 1) // 3 + torch.arange(3), max=5).expand(3, 12, 3)
+    ranges = ranges - (ranges[:, :, -1:] - 5).clamp(min=0)  # windows of 3 consecutive s within [0, 5]
+    am_p, lm_p = R.do_rnnt_pruning(am, lm, ranges.contiguous())
+    logits = _joiner(am_p, lm_p)
+    pairs.append((R.get_rnnt_logprobs_pruned(logits, ranges=ranges.contiguous(), **common),
+                  fast_rnnt.get_rnnt_logprobs_pruned(logits, ranges=ranges.contiguous(), **common)))
+    for (px, py), (rx, ry) in pairs:
+        torch.testing.assert_close(px, rx, **TOL)  # also checks that -inf sit in the same places
+        torch.testing.assert_close(py, ry, **TOL)

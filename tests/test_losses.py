@@ -419,3 +419,28 @@ def test_icefall_call_sequence_trains_a_tiny_transducer():
         (0.5 * simple_loss + pruned_loss).backward()
         opt.step()
     assert history[-1][0] < 0.9 * history[0][0] and history[-1][1] < 0.9 * history[0][1], history
+
+
+def test_cuda_tensors_skip_cpu_only_builds():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert losses._has_device(SimpleNamespace(with_cuda=lambda: False), cpu)  # fast_rnnt: a function
+    assert not losses._has_device(SimpleNamespace(with_cuda=lambda: False), cuda)
+    assert losses._has_device(SimpleNamespace(with_cuda=True), cuda)  # k2: a bool
+    assert not losses._has_device(SimpleNamespace(), cuda)
+
+
+def test_all_minus_inf_logit_rows_give_no_nan():
+    am, lm, symbols, boundary = random_batch(B=3, T=6, U=3, seed=20)
+    logits = joiner(am[:, :, None], lm[:, None]).detach()
+    logits[0, 2, 1, :] = -math.inf  # one whole lattice cell has no probability mass
+    logits.requires_grad_()
+    loss = R.rnnt_loss(logits, symbols, 0, boundary, reduction="none")
+    logp = logits.detach().log_softmax(-1)
+    logp[0, 2, 1, :] = -math.inf  # log_softmax itself would give nan there
+    ref = [-brute_rnnt_logprob(logp[b, : boundary[b, 3], : boundary[b, 2] + 1], symbols[b, : boundary[b, 2]].tolist(),
+                               0, "regular") for b in range(3)]
+    torch.testing.assert_close(loss, torch.tensor(ref, dtype=F64), atol=1e-6, rtol=0)
+    (g,) = torch.autograd.grad(loss.sum(), logits)
+    assert not torch.isnan(g).any() and (g[0, 2, 1] == 0).all()

@@ -12,8 +12,9 @@ Model code calls these exactly as icefall calls k2::
 
 Where they run is chosen by ``set_backend("auto"|"torch"|"k2"|"fast_rnnt")`` (or ``--rnnt-backend`` through
 ``add_arguments``): "auto" uses k2 if it imports, else fast_rnnt, else the plain PyTorch implementation in
-``rnnt.py``. The choice is logged once. All backends get float32 (half inputs are upcast first), and
-empty transcripts (U = 0, which k2 and fast_rnnt reject) always go to the torch implementation.
+``rnnt.py``. The choice is logged once. All backends get float32 (half inputs are upcast first); empty
+transcripts (U = 0, which k2 and fast_rnnt reject) and CUDA tensors given to a CPU-only build of k2/fast_rnnt
+go to the torch implementation.
 """
 import argparse
 import logging
@@ -87,9 +88,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Where the pruned RNN-T loss runs: auto = k2, else fast_rnnt, else plain torch.")
 
 
-def _external(symbols: Optional[Tensor], boundary: Optional[Tensor]):
+def _has_device(mod: Any, device: torch.device) -> bool:
+    """A CPU-only build of k2/fast_rnnt cannot take CUDA tensors."""
+    if device.type == "cpu":
+        return True
+    with_cuda = getattr(mod, "with_cuda", False)
+    return bool(with_cuda() if callable(with_cuda) else with_cuda)
+
+
+def _external(symbols: Optional[Tensor], boundary: Optional[Tensor], device: torch.device):
     """The k2/fast_rnnt module to call, or None when the torch implementation must run."""
-    if get_backend() == "torch":
+    if get_backend() == "torch" or not _has_device(_module, device):
         return None
     if symbols is not None and symbols.shape[1] == 0:
         return None  # k2/fast_rnnt assert S >= 1
@@ -104,7 +113,7 @@ def _f32(x: Tensor) -> Tensor:
 
 def mutual_information_recursion(px: Tensor, py: Tensor, boundary: Optional[Tensor] = None,
                                  return_grad: bool = False):
-    mod = _external(None, None)
+    mod = _external(None, None, px.device)
     if mod is None:
         return _torch_mi(px, py, boundary=boundary, return_grad=return_grad)
     return mod.mutual_information_recursion(_f32(px), _f32(py), boundary=boundary, return_grad=return_grad)
@@ -113,7 +122,7 @@ def mutual_information_recursion(px: Tensor, py: Tensor, boundary: Optional[Tens
 def rnnt_loss_simple(lm: Tensor, am: Tensor, symbols: Tensor, termination_symbol: int,
                      boundary: Optional[Tensor] = None, rnnt_type: str = "regular", delay_penalty: float = 0.0,
                      reduction: Optional[str] = "mean", return_grad: bool = False):
-    mod = _external(symbols, boundary) or _torch_impl
+    mod = _external(symbols, boundary, am.device) or _torch_impl
     kw = dict(delay_penalty=delay_penalty) if delay_penalty else {}
     return mod.rnnt_loss_simple(lm=_f32(lm), am=_f32(am), symbols=symbols, termination_symbol=termination_symbol,
                                 boundary=boundary, rnnt_type=rnnt_type, reduction=reduction,
@@ -124,7 +133,7 @@ def rnnt_loss_smoothed(lm: Tensor, am: Tensor, symbols: Tensor, termination_symb
                        lm_only_scale: float = 0.1, am_only_scale: float = 0.1, boundary: Optional[Tensor] = None,
                        rnnt_type: str = "regular", delay_penalty: float = 0.0, reduction: Optional[str] = "mean",
                        return_grad: bool = False):
-    mod = _external(symbols, boundary) or _torch_impl
+    mod = _external(symbols, boundary, am.device) or _torch_impl
     kw = dict(delay_penalty=delay_penalty) if delay_penalty else {}
     return mod.rnnt_loss_smoothed(lm=_f32(lm), am=_f32(am), symbols=symbols,
                                   termination_symbol=termination_symbol, lm_only_scale=lm_only_scale,
@@ -135,7 +144,7 @@ def rnnt_loss_smoothed(lm: Tensor, am: Tensor, symbols: Tensor, termination_symb
 def rnnt_loss(logits: Tensor, symbols: Tensor, termination_symbol: int, boundary: Optional[Tensor] = None,
               rnnt_type: str = "regular", delay_penalty: float = 0.0, reduction: Optional[str] = "mean",
               return_grad: bool = False):
-    mod = _external(symbols, boundary) or _torch_impl
+    mod = _external(symbols, boundary, logits.device) or _torch_impl
     kw = dict(delay_penalty=delay_penalty) if delay_penalty else {}
     return mod.rnnt_loss(logits=_f32(logits), symbols=symbols, termination_symbol=termination_symbol,
                          boundary=boundary, rnnt_type=rnnt_type, reduction=reduction, return_grad=return_grad, **kw)
@@ -144,7 +153,7 @@ def rnnt_loss(logits: Tensor, symbols: Tensor, termination_symbol: int, boundary
 def rnnt_loss_pruned(logits: Tensor, symbols: Tensor, ranges: Tensor, termination_symbol: int,
                      boundary: Optional[Tensor] = None, rnnt_type: str = "regular", delay_penalty: float = 0.0,
                      reduction: Optional[str] = "mean", return_grad: bool = False):
-    mod = _external(symbols, boundary) or _torch_impl
+    mod = _external(symbols, boundary, logits.device) or _torch_impl
     kw = dict(delay_penalty=delay_penalty) if delay_penalty else {}
     return mod.rnnt_loss_pruned(logits=_f32(logits), symbols=symbols, ranges=ranges,
                                 termination_symbol=termination_symbol, boundary=boundary, rnnt_type=rnnt_type,
@@ -152,13 +161,13 @@ def rnnt_loss_pruned(logits: Tensor, symbols: Tensor, ranges: Tensor, terminatio
 
 
 def get_rnnt_prune_ranges(px_grad: Tensor, py_grad: Tensor, boundary: Tensor, s_range: int) -> Tensor:
-    mod = _external(None, boundary) if px_grad.shape[1] > 0 else None
+    mod = _external(None, boundary, px_grad.device) if px_grad.shape[1] > 0 else None
     return (mod or _torch_impl).get_rnnt_prune_ranges(px_grad=px_grad, py_grad=py_grad, boundary=boundary,
                                                      s_range=s_range)
 
 
 def do_rnnt_pruning(am: Tensor, lm: Tensor, ranges: Tensor):
-    mod = _external(None, None) or _torch_impl
+    mod = _external(None, None, am.device) or _torch_impl
     return mod.do_rnnt_pruning(am=am, lm=lm, ranges=ranges)
 
 

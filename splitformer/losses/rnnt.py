@@ -45,6 +45,8 @@ class _LogProbsAt(torch.autograd.Function):
         for i in range(0, flat.shape[0], step):
             torch.logsumexp(flat[i: i + step], dim=1, out=lse[i: i + step])
         lse = lse.view(logits.shape[:-1])
+        if bool(torch.isneginf(lse).any()):  # an all -inf row: its log-probs are -inf, not -inf - -inf = nan
+            lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         x = torch.gather(logits, -1, sym.unsqueeze(-1)).squeeze(-1) - lse
         y = logits[..., blank] - lse
         ctx.save_for_backward(logits, sym, lse)

@@ -65,10 +65,10 @@ _ZIPFORMER_M = dict(
 _ZIPFORMER_CPU = dict(
     _ZIPFORMER_S,
     num_encoder_layers="2,2,2,2,2,2",
-    feedforward_dim="256,384,384,384,384,256",
+    feedforward_dim="256,320,320,320,320,256",
     num_heads="4,4,4,4,4,4",
-    encoder_dim="128,144,144,144,144,128",
-    encoder_unmasked_dim="96,96,96,96,96,96",
+    encoder_dim="96,112,112,112,112,96",
+    encoder_unmasked_dim="64,64,64,64,64,64",
     cnn_module_kernel="31,31,15,15,15,31",
     decoder_dim=256,
     joiner_dim=256,
@@ -116,9 +116,9 @@ _EE_ZIPFORMER = dict(
 _SPLIT_ZIP = dict(split_blocks="0,5", split_downsampling_factor=2, split_num_layers=1, split_downsample="learned", split_combine="bypass")
 _EE_ZIPFORMER_CPU = dict(
     _EE_ZIPFORMER,
-    encoder_dim="144",
-    encoder_unmasked_dim="144",
-    feedforward_dim="384",
+    encoder_dim="96",
+    encoder_unmasked_dim="96",
+    feedforward_dim="256",
     num_heads="4",
     cnn_module_kernel="15",
     decoder_dim=256,

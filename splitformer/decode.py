@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Decode the test sets of a recipe with a trained model, at one exit, at every exit, or with a
+dynamic exit chosen per utterance.
+
+    ./splitformer/decode.py --exp-dir exp/splitformer-cpu --epoch 30 --avg 5 --exit-layer all \\
+        --decoding-method greedy_search
+    ./splitformer/decode.py --exp-dir exp/splitformer-cpu --epoch 30 --avg 5 --exit-layer 6 \\
+        --decoding-method modified_beam_search --beam-size 4
+    ./splitformer/decode.py ... --exit-strategy entropy --exit-threshold 0.5
+    ./splitformer/decode.py ... --exit-threshold sweep      # WER-vs-compute curves of both criteria
+
+Writes into ``<exp-dir>/<decoding-method>/``: ``recogs-<set>-<tag>.txt``, ``errs-<set>-<tag>.txt``,
+``wer-summary-<set>-<tag>.txt`` (WER, real-time factors, encoder MACs per second of audio) and
+``results-<set>.json`` (every run so far, read by compare.py); sweeps add
+``dynamic-sweep-<set>-<tag>.tsv``.
+"""
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from splitformer.decoding.exits import STRATEGIES, parse_threshold, simulate, sweep_thresholds
+from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args, load_checkpoint_file
+from splitformer.decoding.results import update_results_json, word_error_rate, write_error_stats, write_recogs
+from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit
+from splitformer.decoding.search import CTC_METHODS, METHODS
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp-dir", type=Path, required=True, help="where epoch-N.pt are; results go under it")
+    p.add_argument("--epoch", type=int, default=0, help="decode with epoch-<epoch>.pt (the last averaged epoch)")
+    p.add_argument("--iter", type=int, default=0, help="decode with checkpoint-<iter>.pt instead (and the avg-1 before it)")
+    p.add_argument("--avg", type=int, default=1, help="average epochs epoch-avg+1..epoch")
+    p.add_argument("--use-averaged-model", action="store_true",
+                   help="use the running average model_avg between the ends of epochs epoch-avg and epoch (icefall's method)")
+    p.add_argument("--exit-layer", type=str, default=None,
+                   help="layer whose exit decodes; 'all' decodes every exit in one encoder pass; default: the last exit")
+    p.add_argument("--decoding-method", type=str, default="greedy_search", choices=METHODS)
+    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--exit-strategy", type=str, default="fixed", choices=STRATEGIES,
+                   help="entropy/confidence: climb the exits and stop at the first confident one (per utterance)")
+    p.add_argument("--exit-threshold", type=str, default=None,
+                   help="entropy: exit when mean frame entropy (nats) < T; confidence: exit when mean max posterior > T; "
+                        "'sweep': simulate many thresholds for both criteria from one pass over all exits")
+    p.add_argument("--dataset", type=str, default="an4", help="recipe name in splitformer.data.recipes.DATASETS")
+    p.add_argument("--test-sets", type=str, default=None, help="comma list; default: the recipe's test sets")
+    p.add_argument("--manifest-dir", type=Path, default=Path("data/fbank"))
+    p.add_argument("--bpe-model", type=Path, default=None, help="default: data/lang_bpe_<vocab size>/bpe.model")
+    p.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
+def load_tokenizer(path: Path):
+    if not Path(path).is_file():
+        raise DecodeSetupError(f"BPE model {path} does not exist; run ./prepare.sh or pass --bpe-model")
+    try:
+        from splitformer.data.tokenizer import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    if Tokenizer is not None:
+        return Tokenizer(str(path))
+    import sentencepiece as spm
+
+    class _Sp:
+        def __init__(self, p):
+            self.sp = spm.SentencePieceProcessor(model_file=str(p))
+            self.vocab_size = self.sp.get_piece_size()
+            self.blank_id = 0
+
+        def decode(self, ids):
+            return self.sp.decode(list(ids))
+
+        def encode(self, texts):
+            return self.sp.encode(list(texts))
+
+    return _Sp(path)
+
+
+def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float):
+    """Batches of one test set in a fixed order (so that every run sees the same batches)."""
+    from lhotse import CutSet
+    from lhotse.dataset import K2SpeechRecognitionDataset, SimpleCutSampler
+    from lhotse.dataset.input_strategies import PrecomputedFeatures
+
+    path = Path(manifest_dir) / f"{dataset}_cuts_{split}.jsonl.gz"
+    if not path.is_file():
+        raise DecodeSetupError(f"test manifest {path} does not exist; run ./prepare.sh or pass --manifest-dir")
+    cuts = CutSet.from_file(path)
+    sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
+    ds = K2SpeechRecognitionDataset(input_strategy=PrecomputedFeatures(), return_cuts=True)
+    loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
+    return loader, cuts
+
+
+def run_tag(args: argparse.Namespace, exit_part: str) -> str:
+    tag = f"iter-{args.iter}_avg-{args.avg}" if args.iter > 0 else f"epoch-{args.epoch}_avg-{args.avg}"
+    if args.use_averaged_model:
+        tag += "_use-averaged-model"
+    tag += f"_exit-{exit_part}_{args.decoding_method}"
+    if args.decoding_method in ("modified_beam_search", "ctc_prefix_beam_search"):
+        tag += f"_beam-{args.beam_size}"
+    return tag
+
+
+def load_model(args: argparse.Namespace):
+    """The architecture from the newest checkpoint used, the weights averaged as asked."""
+    if args.iter > 0:
+        last = args.exp_dir / f"checkpoint-{args.iter}.pt"
+    elif args.epoch > 0:
+        last = args.exp_dir / f"epoch-{args.epoch}.pt"
+    else:
+        raise DecodeSetupError("give --epoch E (>= 1) or --iter N (> 0)")
+    ckpt = load_checkpoint_file(last)
+    margs = checkpoint_args(ckpt, last)
+    del ckpt
+    state = averaged_state(args.exp_dir, args.epoch, args.avg, args.use_averaged_model, iteration=args.iter)
+    return build_and_load(margs, state, getattr(margs, "vocab_size", None), str(last)), margs
+
+
+def _write_exit(out_dir: Path, test_set: str, tag: str, results, enc_s: float, dec_s: float, audio_s: float,
+                macs: Optional[float], extra: Dict) -> Dict:
+    write_recogs(out_dir / f"recogs-{test_set}-{tag}.txt", results)
+    wer = write_error_stats(out_dir / f"errs-{test_set}-{tag}.txt", test_set, results)
+    _, counts = word_error_rate(results)
+    entry = dict(
+        tag=tag, test_set=test_set, wer=wer, num_errors=counts["ins"] + counts["dels"] + counts["sub"],
+        ins=counts["ins"], dels=counts["dels"], sub=counts["sub"], ref_words=counts["ref"], num_utts=len(results),
+        audio_seconds=audio_s, rtf_encoder=enc_s / audio_s if audio_s else math.nan,
+        rtf_decode=dec_s / audio_s if audio_s else math.nan, macs_per_second=macs, **extra,
+    )
+    with open(out_dir / f"wer-summary-{test_set}-{tag}.txt", "w") as f:
+        f.write("settings\tWER\tRTF-encoder\tRTF-decode\tencoder-MACs-per-s\n")
+        f.write(f"{tag}\t{wer:.2f}\t{entry['rtf_encoder']:.4f}\t{entry['rtf_decode']:.4f}\t{_fmt_macs(macs)}\n")
+    return entry
+
+
+def _fmt_macs(macs: Optional[float]) -> str:
+    return "nan" if macs is None else f"{macs / 1e6:.1f}M"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return _run(args)
+    except DecodeSetupError as e:
+        print(f"decode.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from splitformer.summary import count_params, exit_macs
+
+    device = torch.device(args.device)
+    model, margs = load_model(args)
+    exits = model.exits
+    sweep = args.exit_threshold is not None and args.exit_threshold.strip().lower() == "sweep"
+    dynamic = args.exit_strategy != "fixed"
+    if args.exit_layer not in (None, "all"):
+        try:
+            layer = int(args.exit_layer)
+        except ValueError:
+            raise DecodeSetupError(f"--exit-layer must be an integer or 'all', got {args.exit_layer!r}") from None
+        if layer not in exits:
+            raise DecodeSetupError(f"no exit after layer {layer}; valid exits: {', '.join(map(str, exits))} (or 'all')")
+    if args.decoding_method in CTC_METHODS and not model.use_ctc:
+        raise DecodeSetupError(f"{args.decoding_method} needs a CTC head, but this model was trained without one")
+    if args.decoding_method not in CTC_METHODS and not model.use_transducer:
+        raise DecodeSetupError(f"{args.decoding_method} needs the transducer, but this model is CTC-only; use a ctc_* method")
+    if dynamic and args.exit_layer is not None:
+        raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} chooses the exit per utterance; drop --exit-layer")
+    if args.exit_threshold is not None and not sweep and not dynamic:
+        raise DecodeSetupError("--exit-threshold needs --exit-strategy entropy|confidence (or use --exit-threshold sweep)")
+    if dynamic and not sweep:
+        if args.exit_threshold is None:
+            raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs --exit-threshold T (or 'sweep')")
+        threshold = parse_threshold(args.exit_threshold)
+    if (sweep or dynamic) and not model.use_ctc:
+        raise DecodeSetupError("dynamic exits read the CTC posteriors, but this model has no CTC head")
+
+    if args.test_sets:
+        test_sets = [s for s in args.test_sets.split(",") if s]
+    else:
+        from splitformer.data.recipes import get_dataset
+
+        try:
+            test_sets = list(get_dataset(args.dataset).test_splits)
+        except ValueError as e:
+            raise DecodeSetupError(str(e)) from None
+    bpe = args.bpe_model or Path(f"data/lang_bpe_{margs.vocab_size}/bpe.model")
+    tokenizer = load_tokenizer(bpe)
+    out_dir = args.exp_dir / args.decoding_method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = count_params(model)
+    common = dict(exp_dir=str(args.exp_dir), preset=getattr(margs, "preset", None), method=args.decoding_method,
+                  beam=args.beam_size, epoch=args.epoch, iter=args.iter, avg=args.avg, use_averaged_model=args.use_averaged_model,
+                  params=params, exits=exits)
+
+    # MACs per exit (counted on CPU, at each set's mean utterance length) before moving to the device.
+    prepared = []
+    for test_set in test_sets:
+        loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration)
+        audio_s = float(sum(c.duration for c in cuts))
+        ref_seconds = max(0.5, round(audio_s / max(len(cuts), 1), 1))
+        prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
+    model.to(device)
+
+    for test_set, loader, audio_s, ref_seconds, macs in prepared:
+        json_path = out_dir / f"results-{test_set}.json"
+        if sweep or args.exit_layer == "all":
+            runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
+                                            desc=f"{test_set} all exits")
+            rows = []
+            for e, run in runs.items():
+                tag = run_tag(args, str(e))
+                entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds,
+                                    audio_s, macs[e], dict(common, kind="fixed", exit_layer=e, macs_seconds=ref_seconds,
+                                                           from_sweep=True))
+                update_results_json(json_path, entry)
+                rows.append((tag, entry))
+                logging.info(f"{test_set} exit {e}: WER {entry['wer']:.2f}% RTF enc {entry['rtf_encoder']:.4f} "
+                             f"dec {entry['rtf_decode']:.4f} MACs/s {_fmt_macs(macs[e])}")
+            all_tag = run_tag(args, "all")
+            with open(out_dir / f"wer-summary-{test_set}-{all_tag}.txt", "w") as f:
+                f.write("settings\texit\tWER\tRTF-encoder\tRTF-decode\tencoder-MACs-per-s\n")
+                for tag, en in rows:
+                    f.write(f"{tag}\t{en['exit_layer']}\t{en['wer']:.2f}\t{en['rtf_encoder']:.4f}\t"
+                            f"{en['rtf_decode']:.4f}\t{_fmt_macs(en['macs_per_second'])}\n")
+            if sweep:
+                _write_sweep(out_dir, test_set, args, traces, exits, macs, json_path, common)
+        elif dynamic:
+            run = decode_dynamic(model, loader, tokenizer, args.exit_strategy, threshold, args.decoding_method,
+                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}")
+            tag = run_tag(args, f"{args.exit_strategy}-{args.exit_threshold}")
+            used = sum(macs[e] * d for e, d in zip(run.exit_layers, run.durations))
+            mean_macs = used / audio_s if audio_s else 0.0
+            mean_exit = sum(run.exit_layers) / max(len(run.exit_layers), 1)
+            entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
+                                mean_macs, dict(common, kind="dynamic", strategy=args.exit_strategy, threshold=threshold,
+                                                mean_exit_layer=mean_exit, macs_seconds=ref_seconds,
+                                                exit_counts={str(e): run.exit_layers.count(e) for e in exits}))
+            with open(out_dir / f"wer-summary-{test_set}-{tag}.txt", "a") as f:
+                f.write(f"# mean exit layer {mean_exit:.2f}; exits used: {entry['exit_counts']}\n")
+            update_results_json(json_path, entry)
+            logging.info(f"{test_set} {args.exit_strategy} T={threshold}: WER {entry['wer']:.2f}% mean exit "
+                         f"{mean_exit:.2f} mean MACs/s {_fmt_macs(mean_macs)}")
+        else:
+            e = exits[-1] if args.exit_layer is None else int(args.exit_layer)
+            run = decode_exit(model, loader, tokenizer, e, args.decoding_method, args.beam_size, device,
+                              desc=f"{test_set} exit {e}")
+            tag = run_tag(args, str(e))
+            entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
+                                macs[e], dict(common, kind="fixed", exit_layer=e, macs_seconds=ref_seconds))
+            update_results_json(json_path, entry)
+            logging.info(f"{test_set} exit {e}: WER {entry['wer']:.2f}% RTF enc {entry['rtf_encoder']:.4f} "
+                         f"dec {entry['rtf_decode']:.4f} MACs/s {_fmt_macs(macs[e])}")
+    logging.info(f"results in {out_dir}")
+    return 0
+
+
+def _write_sweep(out_dir: Path, test_set: str, args, traces, exits, macs, json_path: Path, common: Dict) -> None:
+    """WER against mean compute for both criteria, simulated exactly from the all-exit pass."""
+    per_exit_macs = [macs[e] for e in exits]
+    tag = run_tag(args, "sweep")
+    curves: Dict[str, List[Dict]] = {}
+    lines = ["strategy\tthreshold\tWER\tmean_exit_layer\tmean_MACs_per_s"]
+    for strategy in ("entropy", "confidence"):
+        rows = []
+        for t in sweep_thresholds(traces, strategy):
+            results, stats = simulate(traces, strategy, t, exits, per_exit_macs)
+            wer, _ = word_error_rate(results)
+            rows.append(dict(threshold=t, wer=wer, **stats))
+            lines.append(f"{strategy}\t{t:.6g}\t{wer:.2f}\t{stats['mean_exit_layer']:.3f}\t{stats['macs_per_second']:.0f}")
+        curves[strategy] = rows
+    (out_dir / f"dynamic-sweep-{test_set}-{tag}.tsv").write_text("\n".join(lines) + "\n")
+    entry = dict(common, tag=tag, test_set=test_set, kind="dynamic-sweep",
+                 curves={k: [dict(r, threshold=(None if math.isinf(r["threshold"]) else r["threshold"])) for r in v]
+                         for k, v in curves.items()})
+    update_results_json(json_path, entry)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Raw audio files -> the features training used (lhotse ``Fbank``, 80 bins, 10 ms shift).
+
+Audio is read with soundfile (wav, flac, ogg, plain NIST SPHERE...), mixed down to mono,
+resampled to 16 kHz with lhotse's torch resampler (no torchaudio), and turned into log-mel
+filterbanks with kaldi-native-fbank set up like lhotse's default ``FbankConfig`` (dither 0,
+snip_edges False, povey window, 20 Hz..-400 Hz, energy floor 1e-10); the features agree with
+lhotse's to ~1e-4 (tests/test_pretrained.py checks 1e-3).
+"""
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+NUM_BINS = 80
+
+
+class AudioError(RuntimeError):
+    """An audio file that cannot be decoded; the message names it."""
+
+
+def read_audio(path: Path) -> Tuple[np.ndarray, int]:
+    """(mono float32 samples in [-1, 1], sample rate). A 0-byte file is empty audio, not an error."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file {path} does not exist")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.float32), SAMPLE_RATE
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for bad headers
+        raise AudioError(f"cannot read audio file {path}: {e} (supported: wav, flac, ogg, uncompressed sph)") from e
+    return data.mean(axis=1).astype(np.float32), int(sr)
+
+
+def resample(samples: np.ndarray, sr: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    if sr == target or samples.size == 0:
+        return samples
+    from lhotse.augmentation.resample import Resample
+
+    with torch.no_grad():
+        out = Resample(orig_freq=sr, new_freq=target)(torch.from_numpy(samples).unsqueeze(0))
+    return out.squeeze(0).numpy().astype(np.float32)
+
+
+def fbank(samples: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """(num_frames, 80) log-mel features, lhotse Fbank-compatible. Empty audio gives (0, 80)."""
+    import kaldi_native_fbank as knf
+
+    if samples.size == 0:
+        return np.zeros((0, NUM_BINS), dtype=np.float32)
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = sr
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.snip_edges = False
+    opts.frame_opts.frame_shift_ms = 10.0
+    opts.frame_opts.frame_length_ms = 25.0
+    opts.frame_opts.window_type = "povey"
+    opts.frame_opts.preemph_coeff = 0.97
+    opts.frame_opts.remove_dc_offset = True
+    opts.frame_opts.round_to_power_of_two = True
+    opts.mel_opts.num_bins = NUM_BINS
+    opts.mel_opts.low_freq = 20.0
+    opts.mel_opts.high_freq = -400.0
+    opts.energy_floor = 1e-10
+    opts.use_energy = False
+    comp = knf.OnlineFbank(opts)
+    comp.accept_waveform(sr, samples.tolist())
+    comp.input_finished()
+    n = comp.num_frames_ready
+    if n == 0:
+        return np.zeros((0, NUM_BINS), dtype=np.float32)
+    return np.stack([comp.get_frame(i) for i in range(n)]).astype(np.float32)
+
+
+def file_features(path: Path, min_seconds: float = 0.0) -> Tuple[np.ndarray, float]:
+    """Features of one file at 16 kHz, and its peak amplitude (0 for empty audio).
+
+    Audio shorter than ``min_seconds`` is padded with silence so that every front end gets
+    enough frames (silence adds no words)."""
+    samples, sr = read_audio(path)
+    samples = resample(samples, sr)
+    if samples.size == 0:
+        return fbank(samples), 0.0
+    peak = float(np.abs(samples).max())
+    need = int(min_seconds * SAMPLE_RATE)
+    if samples.size < need:
+        samples = np.concatenate([samples, np.zeros(need - samples.size, dtype=np.float32)])
+    return fbank(samples), peak

@@ -1,0 +1,135 @@
+"""Dynamic exit selection (Wright et al. 2023): climb the exits and stop at the first one whose
+CTC posteriors look confident enough.
+
+Criteria, computed on the CTC posteriors of an exit, over the utterance's valid frames:
+
+- ``entropy``: mean frame entropy (nats) of the posteriors; exit when it is **below** the threshold.
+  Threshold 0 never exits early (entropy >= 0), so it gives the last exit; threshold +inf gives the first.
+- ``confidence``: mean over frames of the max posterior (in [1/V, 1]); exit when it is **above** the
+  threshold. Threshold 0 gives the first exit, threshold >= 1 (or +inf) the last.
+- ``fixed``: never exits early (use ``--exit-layer`` to pick the exit).
+
+The last exit always stops. The decision at an exit depends only on that exit's output, so a sweep
+over thresholds can be simulated exactly from one pass that reads every exit (:func:`simulate`).
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import torch
+
+STRATEGIES = ("fixed", "entropy", "confidence")
+
+
+def mean_entropy(log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) log-probs -> (B,) mean entropy over each utterance's frames (0 for empty ones)."""
+    ent = -(log_probs.exp() * log_probs).sum(-1)  # (B, T)
+    return _masked_mean(ent, lens)
+
+
+def mean_max_posterior(log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) log-probs -> (B,) mean over frames of the largest posterior (1 for empty ones)."""
+    conf = log_probs.max(-1).values.exp()
+    out = _masked_mean(conf, lens)
+    return torch.where(lens > 0, out, torch.ones_like(out))
+
+
+def _masked_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) < lens.to(x.device).unsqueeze(1)
+    return (x * mask).sum(1) / lens.to(x.device).clamp(min=1)
+
+
+def exit_score(strategy: str, log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    if strategy == "entropy":
+        return mean_entropy(log_probs, lens)
+    if strategy == "confidence":
+        return mean_max_posterior(log_probs, lens)
+    raise ValueError(f"exit strategy {strategy!r} has no score; choose entropy or confidence")
+
+
+def stops(strategy: str, score: float, threshold: float) -> bool:
+    if strategy == "entropy":
+        return score < threshold
+    if strategy == "confidence":
+        return score > threshold
+    if strategy == "fixed":
+        return False
+    raise ValueError(f"unknown exit strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def choose_exit(strategy: str, threshold: float, scores: Sequence[float]) -> int:
+    """Index of the first exit whose score stops the climb; the last exit otherwise."""
+    for i, s in enumerate(scores):
+        if stops(strategy, s, threshold):
+            return i
+    return len(scores) - 1
+
+
+def parse_threshold(text: str) -> float:
+    t = text.strip().lower()
+    if t in ("inf", "+inf", "infinity"):
+        return math.inf
+    return float(t)
+
+
+@dataclass
+class UttTrace:
+    """What one pass over every exit tells about one utterance."""
+
+    cut_id: str
+    duration: float
+    ref: List[str]
+    hyps: List[List[str]]  # per exit
+    entropy: List[float]  # per exit
+    confidence: List[float]  # per exit
+
+
+def simulate(
+    traces: Sequence[UttTrace], strategy: str, threshold: float, exits: Sequence[int], macs_per_second: Sequence[float]
+) -> Tuple[List[Tuple[str, List[str], List[str]]], Dict[str, float]]:
+    """The results a dynamic-exit run with this threshold gives, read off full traces.
+
+    Returns the (id, ref, hyp) results and stats: mean exit layer and mean encoder compute
+    (MACs per second of audio, over the layers that run up to each utterance's exit).
+    """
+    results = []
+    layers = []
+    macs = 0.0
+    dur = 0.0
+    for tr in traces:
+        scores = tr.entropy if strategy == "entropy" else tr.confidence
+        i = choose_exit(strategy, threshold, scores)
+        results.append((tr.cut_id, tr.ref, tr.hyps[i]))
+        layers.append(exits[i])
+        macs += macs_per_second[i] * tr.duration
+        dur += tr.duration
+    stats = {
+        "mean_exit_layer": sum(layers) / max(len(layers), 1),
+        "macs_per_second": macs / dur if dur > 0 else 0.0,
+    }
+    return results, stats
+
+
+def sweep_thresholds(traces: Sequence[UttTrace], strategy: str, points: int = 24) -> List[float]:
+    """0, +inf and up to ``points`` thresholds between quantiles of the scores seen, so the curve
+    spans first exit to last exit. Thresholds sit half-way between two distinct observed scores,
+    never on one, so that float noise (e.g. from padding in a batch) cannot flip a decision."""
+    vals = sorted(set(s for tr in traces for s in (tr.entropy if strategy == "entropy" else tr.confidence)))
+    qs = {0.0, math.inf}
+    if len(vals) > 1:
+        for k in range(points):
+            i = min(len(vals) - 2, round(k * (len(vals) - 2) / max(points - 1, 1)))
+            qs.add((vals[i] + vals[i + 1]) / 2)
+    return sorted(qs)
+
+
+def iter_model_exits(model, features: torch.Tensor, feature_lens: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """(exit_layer, enc_out, enc_lens) one exit at a time; layers above the last one read are never
+    run when the model offers ``iter_exits`` (stop iterating to stop computing)."""
+    if hasattr(model, "iter_exits"):
+        yield from model.iter_exits(features, feature_lens)
+        return
+    # Without an incremental encoder, climb with max_exit: exact, but re-runs the lower layers.
+    for layer in model.exits:
+        layer_out, out, lens = model.encode_exits(features, feature_lens, max_exit=layer)[-1]
+        yield layer_out, out, lens

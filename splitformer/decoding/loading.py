@@ -1,0 +1,89 @@
+"""Turning checkpoints into a model for decoding: architecture from the stored flags, weights
+from one epoch, an average of epochs, or the running average training keeps (``model_avg``)."""
+import argparse
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from splitformer.model.asr_model import AsrModel
+
+
+class DecodeSetupError(RuntimeError):
+    """Something the user must fix (paths, flags, checkpoints); the message says what."""
+
+
+def load_checkpoint_file(path: Path) -> Dict[str, Any]:
+    from splitformer.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path, required_keys=())
+    except CheckpointError as e:
+        raise DecodeSetupError(str(e)) from e
+
+
+def model_state(ckpt: Dict[str, Any], path: Path, key: str = "model") -> Dict[str, torch.Tensor]:
+    if key in ckpt and isinstance(ckpt[key], dict):
+        return ckpt[key]
+    if key == "model" and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt  # a bare state dict
+    raise DecodeSetupError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(ckpt)) or 'none'})")
+
+
+def averaged_state(exp_dir: Path, epoch: int, avg: int, use_averaged_model: bool, iteration: int = 0) -> Dict[str, torch.Tensor]:
+    """Weights to decode with (splitformer.averaging.load_averaged_state, icefall's conventions).
+
+    - ``--avg 1``: ``epoch-E.pt``'s ``model``; ``--avg A``: the plain average of ``model`` over
+      epochs E-A+1..E.
+    - ``--use-averaged-model``: the running average ``model_avg`` restricted to the batches between
+      the end of epoch E-A and the end of epoch E,
+      ``(avg_E * n_E - avg_{E-A} * n_{E-A}) / (n_E - n_{E-A})`` with ``n`` = ``batch_idx_train``;
+      with A = E (no epoch 0) that is ``epoch-E.pt``'s ``model_avg`` itself.
+    """
+    from splitformer.averaging import load_averaged_state
+    from splitformer.checkpoint import CheckpointError
+
+    try:
+        return load_averaged_state(exp_dir, epoch=epoch, iteration=iteration, avg=avg, use_averaged_model=use_averaged_model)
+    except CheckpointError as e:
+        raise DecodeSetupError(str(e)) from e
+
+
+def checkpoint_args(ckpt: Dict[str, Any], path: Path) -> argparse.Namespace:
+    """The model flags stored in a checkpoint, completed with today's defaults for flags added since."""
+    from splitformer.model.config import default_model_args
+
+    stored = ckpt.get("args")
+    if not isinstance(stored, dict):
+        raise DecodeSetupError(f"{path} holds no model flags ('args'); it was not written by splitformer/train.py")
+    args = default_model_args()
+    for k, v in stored.items():
+        setattr(args, k, v)
+    return args
+
+
+def build_and_load(args: argparse.Namespace, state: Dict[str, torch.Tensor], vocab_size: Optional[int], source: str) -> AsrModel:
+    """Builds the architecture the flags describe and loads ``state`` into it strictly; a
+    checkpoint of another architecture gives an error naming it and what differs."""
+    from splitformer.model.config import build_model
+
+    try:
+        model = build_model(args, vocab_size)
+    except Exception as e:
+        raise DecodeSetupError(f"cannot build the model described by {source}: {e}") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and hasattr(v, "shape") and own[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        def few(xs):
+            return ", ".join(list(xs)[:5]) + (" ..." if len(xs) > 5 else "")
+        raise DecodeSetupError(
+            f"{source} does not match the model architecture its flags describe "
+            f"(missing: {len(missing)} [{few(missing)}], unexpected: {len(unexpected)} [{few(unexpected)}], "
+            f"shape mismatches: {few(mismatched) or 'none'}); was it trained with other --preset/model flags?"
+        )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,166 @@
+"""Decoding loops: one exit, every exit in one encoder pass, or a dynamic exit per utterance.
+
+Each loop returns per-utterance results and the seconds it spent, so that the caller can write
+WER and real-time factors side by side. Times: ``encoder`` is the front end + encoder up to the
+exit; ``decode`` adds the exit's heads and the search (data loading is not counted).
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from tqdm import tqdm
+
+from splitformer.decoding.exits import UttTrace, exit_score, iter_model_exits, mean_entropy, mean_max_posterior, stops
+from splitformer.decoding.search import run_search
+
+Result = Tuple[str, List[str], List[str]]
+
+
+@dataclass
+class ExitRun:
+    """What decoding at one exit produced."""
+
+    results: List[Result] = field(default_factory=list)
+    encoder_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+@dataclass
+class DynamicRun:
+    results: List[Result] = field(default_factory=list)
+    exit_layers: List[int] = field(default_factory=list)  # per utterance
+    durations: List[float] = field(default_factory=list)
+    encoder_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def batch_parts(batch: Dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[str], List[List[str]], List[float]]:
+    """features, lens, ids, reference words, durations of a lhotse K2SpeechRecognitionDataset batch."""
+    feats = batch["inputs"].to(device)
+    sup = batch["supervisions"]
+    lens = sup["num_frames"].to(device)
+    cuts = sup["cut"]
+    ids = [c.id for c in cuts]
+    refs = [t.split() for t in sup["text"]]
+    durs = [float(c.duration) for c in cuts]
+    return feats, lens, ids, refs, durs
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _words(tokenizer, hyps) -> List[List[str]]:
+    return [tokenizer.decode(h.tokens).split() if h.tokens else [] for h in hyps]
+
+
+def _bar(loader: Iterable, desc: str):
+    return tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: int, device: torch.device, desc: str = "") -> ExitRun:
+    """Decodes with one exit; the encoder stops there."""
+    run = ExitRun()
+    for batch in _bar(loader, desc or f"exit {exit_layer}"):
+        feats, lens, ids, refs, _ = batch_parts(batch, device)
+        t0 = _clock(device)
+        enc, enc_lens = model.encode(feats, lens, exit_layer=exit_layer)
+        t1 = _clock(device)
+        hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
+        t2 = _clock(device)
+        run.encoder_seconds += t1 - t0
+        run.decode_seconds += t2 - t0
+        run.results.extend(zip(ids, refs, _words(tokenizer, hyps)))
+    return run
+
+
+@torch.no_grad()
+def decode_all_exits(
+    model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: str = "all exits"
+) -> Tuple[Dict[int, ExitRun], List[UttTrace]]:
+    """Runs the encoder once per batch up to the top, decoding every exit on the way.
+
+    The encoder time of exit k is the time the encoder took to reach it; its decode time adds that
+    exit's search only. Also returns, per utterance, every exit's hypothesis and CTC entropy and
+    confidence (when the model has CTC heads), from which dynamic exits are simulated.
+    """
+    exits = model.exits
+    runs = {e: ExitRun() for e in exits}
+    traces: List[UttTrace] = []
+    for batch in _bar(loader, desc):
+        feats, lens, ids, refs, durs = batch_parts(batch, device)
+        per_exit_words: List[List[List[str]]] = []
+        ent: List[List[float]] = []
+        conf: List[List[float]] = []
+        enc_time = 0.0
+        gen = iter_model_exits(model, feats, lens)
+        while True:
+            t0 = _clock(device)
+            try:
+                exit_layer, enc, enc_lens = next(gen)
+            except StopIteration:
+                break
+            enc_time += _clock(device) - t0
+            run = runs[exit_layer]
+            t1 = _clock(device)
+            hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
+            run.encoder_seconds += enc_time
+            run.decode_seconds += enc_time + _clock(device) - t1
+            words = _words(tokenizer, hyps)
+            run.results.extend(zip(ids, refs, words))
+            per_exit_words.append(words)
+            if model.use_ctc:
+                lp = model.ctc_log_probs(enc, exit_layer)
+                ent.append(mean_entropy(lp, enc_lens).tolist())
+                conf.append(mean_max_posterior(lp, enc_lens).tolist())
+        for i, cut_id in enumerate(ids):
+            traces.append(UttTrace(
+                cut_id=cut_id, duration=durs[i], ref=refs[i],
+                hyps=[w[i] for w in per_exit_words],
+                entropy=[e[i] for e in ent], confidence=[c[i] for c in conf],
+            ))
+    return runs, traces
+
+
+@torch.no_grad()
+def decode_dynamic(
+    model, loader, tokenizer, strategy: str, threshold: float, method: str, beam: int, device: torch.device,
+    desc: str = "dynamic exits",
+) -> DynamicRun:
+    """Per utterance (batch size 1, so that no layer runs for an utterance that has stopped):
+    climb the exits, stop at the first whose CTC posteriors pass the criterion, decode there.
+    The layers above that exit are never computed."""
+    if not model.use_ctc:
+        raise RuntimeError("dynamic exits read the CTC posteriors, but this model has no CTC head")
+    run = DynamicRun()
+    last = model.exits[-1]
+    for batch in _bar(loader, desc):
+        feats, lens, ids, refs, durs = batch_parts(batch, device)
+        for i in range(feats.size(0)):
+            n = int(lens[i])
+            x, x_lens = feats[i:i + 1, :n], lens[i:i + 1]
+            t0 = _clock(device)
+            enc_time = 0.0
+            gen = iter_model_exits(model, x, x_lens)
+            while True:
+                t1 = _clock(device)
+                exit_layer, enc, enc_lens = next(gen)
+                enc_time += _clock(device) - t1
+                if exit_layer == last:
+                    break
+                lp = model.ctc_log_probs(enc, exit_layer)
+                if stops(strategy, float(exit_score(strategy, lp, enc_lens)[0]), threshold):
+                    break
+            gen.close()  # the layers above are not computed
+            hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
+            run.decode_seconds += _clock(device) - t0
+            run.encoder_seconds += enc_time
+            run.results.append((ids[i], refs[i], _words(tokenizer, hyps)[0]))
+            run.exit_layers.append(exit_layer)
+            run.durations.append(durs[i])
+    return run

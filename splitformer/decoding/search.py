@@ -1,0 +1,213 @@
+"""Search algorithms over one exit's output, in plain torch (no k2).
+
+Transducer searches take the *projected* encoder output of an exit (``model.project_encoder``)
+and use ``model.decoder`` / ``model.project_decoder`` / ``model.joiner``; CTC searches take the
+exit's CTC log-probs (``model.ctc_log_probs``). Every search returns one :class:`Hyp` per
+utterance with its token ids and the log-probability it maximised, so that searches can be
+compared on their own objective.
+
+Both transducer searches emit at most one symbol per frame (icefall's ``max_sym_per_frame=1``),
+so greedy and beam search explore the same lattice and their scores are comparable.
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+METHODS = ("greedy_search", "modified_beam_search", "ctc_greedy_search", "ctc_prefix_beam_search")
+CTC_METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search")
+
+
+@dataclass
+class Hyp:
+    tokens: List[int]
+    log_prob: float
+
+
+def _initial_context(context_size: int, blank_id: int) -> List[int]:
+    # Training feeds [blank] + y with zero left-padding; negative ids embed to zero, so this matches.
+    return [-1] * (context_size - 1) + [blank_id]
+
+
+def _decoder_proj(model: nn.Module, contexts: List[List[int]], device: torch.device) -> torch.Tensor:
+    """Projected decoder output (N, J) for N token contexts of length context_size."""
+    y = torch.tensor(contexts, dtype=torch.int64, device=device)
+    return model.project_decoder(model.decoder(y, need_pad=False)).squeeze(1)
+
+
+@torch.no_grad()
+def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor) -> List[Hyp]:
+    """Batched transducer greedy search, one symbol per frame at most.
+
+    enc_proj: (B, T, J) projected encoder output; enc_lens: (B,). Frames past an utterance's
+    length are skipped for that utterance only.
+    """
+    B, T, _ = enc_proj.shape
+    blank = model.blank_id
+    cs = model.decoder.context_size
+    device = enc_proj.device
+    contexts = [_initial_context(cs, blank) for _ in range(B)]
+    tokens: List[List[int]] = [[] for _ in range(B)]
+    scores = torch.zeros(B, dtype=torch.float64)
+    dec = _decoder_proj(model, contexts, device)  # (B, J)
+    lens = enc_lens.tolist()
+    for t in range(T):
+        active = [b for b in range(B) if t < lens[b]]
+        if not active:
+            break
+        idx = torch.tensor(active, device=device)
+        logits = model.joiner(enc_proj[idx, t], dec[idx])  # (A, V)
+        logp = logits.float().log_softmax(-1)
+        best_lp, best = logp.max(-1)
+        scores[idx.cpu()] += best_lp.double().cpu()
+        emitted = []
+        for row, b in enumerate(active):
+            k = int(best[row])
+            if k != blank:
+                tokens[b].append(k)
+                contexts[b] = contexts[b][1:] + [k]
+                emitted.append(b)
+        if emitted:
+            dec[emitted] = _decoder_proj(model, [contexts[b] for b in emitted], device)
+    return [Hyp(tokens[b], float(scores[b])) for b in range(B)]
+
+
+@torch.no_grad()
+def modified_beam_search(
+    model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor, beam: int = 4
+) -> List[Hyp]:
+    """Transducer beam search with one symbol per frame (icefall's modified_beam_search).
+
+    Each hypothesis is a token sequence with the log-sum of the alignments that reached it; at
+    every frame each utterance keeps its ``beam`` best (hypothesis, token) extensions, and
+    extensions that land on the same token sequence are merged with log-add.
+    """
+    B, T, _ = enc_proj.shape
+    blank = model.blank_id
+    cs = model.decoder.context_size
+    device = enc_proj.device
+    init = tuple(_initial_context(cs, blank))
+    # Per utterance: token sequence (with initial context) -> log-prob.
+    beams: List[Dict[Tuple[int, ...], float]] = [{init: 0.0} for _ in range(B)]
+    lens = enc_lens.tolist()
+    for t in range(T):
+        active = [b for b in range(B) if t < lens[b]]
+        if not active:
+            break
+        flat: List[Tuple[int, Tuple[int, ...], float]] = []
+        for b in active:
+            flat.extend((b, ys, lp) for ys, lp in beams[b].items())
+        dec = _decoder_proj(model, [list(ys[-cs:]) for _, ys, _ in flat], device)  # (N, J)
+        frame_idx = torch.tensor([b for b, _, _ in flat], device=device)
+        logp = model.joiner(enc_proj[frame_idx, t], dec).float().log_softmax(-1)  # (N, V)
+        V = logp.size(-1)
+        hyp_lp = torch.tensor([lp for _, _, lp in flat], dtype=torch.float64, device=device)
+        total = (logp.double() + hyp_lp.unsqueeze(-1)).cpu()
+        start = 0
+        for b in active:
+            n = len(beams[b])
+            block = total[start:start + n].reshape(-1)
+            k = min(beam, block.numel())
+            top_lp, top_idx = block.topk(k)
+            new: Dict[Tuple[int, ...], float] = {}
+            for lp, i in zip(top_lp.tolist(), top_idx.tolist()):
+                ys = flat[start + i // V][1]
+                tok = i % V
+                if tok != blank:
+                    ys = ys + (tok,)
+                old = new.get(ys)
+                new[ys] = lp if old is None else _logaddexp(old, lp)
+            beams[b] = new
+            start += n
+    out = []
+    for b in range(B):
+        ys, lp = max(beams[b].items(), key=lambda kv: kv[1])
+        out.append(Hyp(list(ys[cs:]), lp))
+    return out
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    m = max(a, b)
+    return m + math.log1p(math.exp(-abs(a - b)))
+
+
+@torch.no_grad()
+def ctc_greedy_search(log_probs: torch.Tensor, lens: torch.Tensor, blank_id: int = 0) -> List[Hyp]:
+    """Best path: frame-wise argmax, repeats collapsed, blanks removed. Score = best path log-prob."""
+    best_lp, best = log_probs.max(-1)
+    out = []
+    for b, n in enumerate(lens.tolist()):
+        path = best[b, :n].tolist()
+        tokens = [k for i, k in enumerate(path) if k != blank_id and (i == 0 or path[i - 1] != k)]
+        out.append(Hyp(tokens, float(best_lp[b, :n].double().sum())))
+    return out
+
+
+@torch.no_grad()
+def ctc_prefix_beam_search(
+    log_probs: torch.Tensor, lens: torch.Tensor, beam: int = 4, blank_id: int = 0
+) -> List[Hyp]:
+    """CTC prefix beam search: each prefix carries the log-prob of all alignments ending in
+    blank (pb) and in its last token (pnb); the score is log(pb + pnb), i.e. the label
+    sequence's probability summed over the alignments kept in the beam.
+
+    At each frame the candidate tokens are the ``beam`` most likely ones plus each prefix's last
+    token (so that the "repeat collapses" path is never pruned).
+    """
+    out = []
+    cand_k = min(beam, log_probs.size(-1))
+    for b, n in enumerate(lens.tolist()):
+        lp = log_probs[b, :n].double().cpu()
+        top = lp.topk(cand_k, dim=-1).indices.tolist()
+        rows = lp.tolist()
+        ninf = -math.inf
+        prefixes: Dict[Tuple[int, ...], Tuple[float, float]] = {(): (0.0, ninf)}
+        for t in range(n):
+            row = rows[t]
+            nxt: Dict[Tuple[int, ...], List[float]] = {}
+
+            def add(key: Tuple[int, ...], which: int, value: float) -> None:
+                cur = nxt.setdefault(key, [ninf, ninf])
+                cur[which] = _logaddexp(cur[which], value)
+
+            for prefix, (pb, pnb) in prefixes.items():
+                tot = _logaddexp(pb, pnb)
+                add(prefix, 0, tot + row[blank_id])
+                cands = set(top[t])
+                if prefix:
+                    cands.add(prefix[-1])
+                cands.discard(blank_id)
+                for c in cands:
+                    if prefix and c == prefix[-1]:
+                        add(prefix, 1, pnb + row[c])  # repeat without blank collapses
+                        add(prefix + (c,), 1, pb + row[c])  # blank in between: a new token
+                    else:
+                        add(prefix + (c,), 1, tot + row[c])
+            ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]), reverse=True)[:beam]
+            prefixes = {k: (v[0], v[1]) for k, v in ranked}
+        best, (pb, pnb) = max(prefixes.items(), key=lambda kv: _logaddexp(*kv[1]))
+        out.append(Hyp(list(best), _logaddexp(pb, pnb)))
+    return out
+
+
+def run_search(
+    model: nn.Module, method: str, enc_out: torch.Tensor, enc_lens: torch.Tensor, exit_layer: int, beam: int = 4
+) -> List[Hyp]:
+    """Decodes one exit's encoder output with ``method``."""
+    if method in CTC_METHODS:
+        lp = model.ctc_log_probs(enc_out, exit_layer)
+        if method == "ctc_greedy_search":
+            return ctc_greedy_search(lp, enc_lens, model.blank_id)
+        return ctc_prefix_beam_search(lp, enc_lens, beam, model.blank_id)
+    enc_proj = model.project_encoder(enc_out, exit_layer)
+    if method == "greedy_search":
+        return greedy_search(model, enc_proj, enc_lens)
+    if method == "modified_beam_search":
+        return modified_beam_search(model, enc_proj, enc_lens, beam)
+    raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")

@@ -1,0 +1,165 @@
+"""decode.py end to end on AN4 dev with a briefly trained tiny early-exit model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitformer.decode import main as decode_main
+from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args
+from test_decoding_fixture import trained_an4  # noqa: F401  (fixture)
+
+torch.set_num_threads(1)  # the test machines are small and shared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _decode(t, *extra, method="greedy_search"):
+    argv = ["--exp-dir", str(t["exp"]), "--epoch", "2", "--avg", "1", "--decoding-method", method,
+            "--manifest-dir", str(t["manifests"]), "--bpe-model", str(t["bpe"]), "--test-sets", "dev",
+            "--max-duration", "100", "--num-threads", "1", *extra]
+    return decode_main(argv)
+
+
+def _runs(t, method="greedy_search"):
+    return json.loads((t["exp"] / method / "results-dev.json").read_text())["runs"]
+
+
+def test_sweep_of_all_exits_equals_each_exit_alone(trained_an4):
+    t = trained_an4
+    assert _decode(t, "--exit-layer", "all") == 0
+    out = t["exp"] / "greedy_search"
+    sweep = {r["exit_layer"]: r for r in _runs(t).values() if r.get("from_sweep")}
+    assert sorted(sweep) == [2, 4, 6]
+    sweep_recogs = {e: (out / f"recogs-dev-epoch-2_avg-1_exit-{e}_greedy_search.txt").read_text() for e in (2, 6)}
+    assert any("hyp=[]" not in line for line in sweep_recogs[2].splitlines() if "hyp=" in line)  # not vacuous
+    for e in (2, 6):
+        assert _decode(t, "--exit-layer", str(e)) == 0
+        alone = [r for r in _runs(t).values() if r["exit_layer"] == e and not r.get("from_sweep")]
+        assert alone and alone[0]["wer"] == sweep[e]["wer"]
+        assert (out / f"recogs-dev-epoch-2_avg-1_exit-{e}_greedy_search.txt").read_text() == sweep_recogs[e]
+    for r in sweep.values():
+        assert r["num_utts"] == 100 and r["rtf_encoder"] > 0 and r["rtf_decode"] >= r["rtf_encoder"]
+    assert sweep[2]["macs_per_second"] < sweep[4]["macs_per_second"] < sweep[6]["macs_per_second"]
+    errs = (out / "errs-dev-epoch-2_avg-1_exit-2_greedy_search.txt").read_text()
+    for section in ("%WER", "PER-UTT DETAILS:", "SUBSTITUTIONS:", "DELETIONS:", "INSERTIONS:", "PER-WORD STATS:"):
+        assert section in errs
+
+
+def test_an_exit_that_does_not_exist_lists_the_valid_ones(trained_an4, capsys):
+    assert _decode(trained_an4, "--exit-layer", "3") == 2
+    assert "valid exits: 2, 4, 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy,threshold,expected", [
+    ("entropy", "0", 6), ("entropy", "inf", 2), ("confidence", "0", 2), ("confidence", "inf", 6),
+])
+def test_dynamic_exit_thresholds_at_the_extremes(trained_an4, strategy, threshold, expected):
+    t = trained_an4
+    assert _decode(t, "--exit-strategy", strategy, "--exit-threshold", threshold, "--max-duration", "30") == 0
+    run = _runs(t)[f"epoch-2_avg-1_exit-{strategy}-{threshold}_greedy_search"]
+    assert run["mean_exit_layer"] == expected
+    fixed = [r for r in _runs(t).values() if r.get("exit_layer") == expected and r["kind"] == "fixed"]
+    if fixed:  # same hypotheses as the fixed exit it reduces to
+        assert run["wer"] == fixed[0]["wer"]
+
+
+def test_threshold_sweep_curve_spans_first_to_last_exit_and_matches_a_real_dynamic_run(trained_an4):
+    t = trained_an4
+    assert _decode(t, "--exit-threshold", "sweep", method="ctc_greedy_search") == 0
+    runs = _runs(t, "ctc_greedy_search")
+    curves = runs["epoch-2_avg-1_exit-sweep_ctc_greedy_search"]["curves"]
+    for strategy in ("entropy", "confidence"):
+        layers = [r["mean_exit_layer"] for r in curves[strategy]]
+        assert min(layers) == 2 and max(layers) == 6
+        macs = [r["macs_per_second"] for r in curves[strategy]]
+        assert min(macs) < max(macs)
+    tsv = (t["exp"] / "ctc_greedy_search" / "dynamic-sweep-dev-epoch-2_avg-1_exit-sweep_ctc_greedy_search.tsv")
+    assert tsv.read_text().startswith("strategy\tthreshold\tWER")
+    # A threshold in the middle of the curve: the simulated point equals a real per-utterance run.
+    mid = [r for r in curves["entropy"] if 2 < r["mean_exit_layer"] < 6 and r["threshold"] is not None]
+    assert mid
+    point = mid[len(mid) // 2]
+    thr = repr(point["threshold"])
+    assert _decode(t, "--exit-strategy", "entropy", "--exit-threshold", thr, method="ctc_greedy_search") == 0
+    real = _runs(t, "ctc_greedy_search")[f"epoch-2_avg-1_exit-entropy-{thr}_ctc_greedy_search"]
+    assert real["mean_exit_layer"] == pytest.approx(point["mean_exit_layer"], abs=1e-9)
+    assert real["wer"] == pytest.approx(point["wer"], abs=1e-9)
+    assert real["macs_per_second"] == pytest.approx(point["macs_per_second"], rel=1e-6)
+
+
+def test_averaging_modes(trained_an4):
+    exp = trained_an4["exp"]
+    e1 = torch.load(exp / "epoch-1.pt", weights_only=True)
+    e2 = torch.load(exp / "epoch-2.pt", weights_only=True)
+    k = next(k for k, v in e2["model"].items() if v.is_floating_point() and v.numel() > 1)
+    plain = averaged_state(exp, 2, 2, use_averaged_model=False)
+    torch.testing.assert_close(plain[k], (e1["model"][k] + e2["model"][k]) / 2)
+    # icefall's method: the running average over the batches of epoch 2 only.
+    n1, n2 = e1["batch_idx_train"], e2["batch_idx_train"]
+    ema = averaged_state(exp, 2, 1, use_averaged_model=True)
+    expect = (e2["model_avg"][k].double() * n2 - e1["model_avg"][k].double() * n1) / (n2 - n1)
+    torch.testing.assert_close(ema[k], expect.float())
+    # epoch E-A = 0 does not exist: epoch E's own model_avg.
+    torch.testing.assert_close(averaged_state(exp, 2, 2, use_averaged_model=True)[k], e2["model_avg"][k])
+    assert _decode(trained_an4, "--exit-layer", "4", "--use-averaged-model", "--avg", "1") == 0
+    with pytest.raises(DecodeSetupError, match="too large"):
+        averaged_state(exp, 2, 3, use_averaged_model=False)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_clearly(trained_an4, tmp_path):
+    ckpt = torch.load(trained_an4["exp"] / "epoch-2.pt", weights_only=True)
+    args = checkpoint_args(ckpt, Path("epoch-2.pt"))
+    args.encoder_dim = args.encoder_unmasked_dim = "48"
+    with pytest.raises(DecodeSetupError, match="does not match the model architecture"):
+        build_and_load(args, ckpt["model"], args.vocab_size, "epoch-2.pt")
+    bad = tmp_path / "epoch-2.pt"
+    torch.save({"model": ckpt["model"]}, bad)  # no flags stored
+    with pytest.raises(DecodeSetupError, match="holds no model flags"):
+        checkpoint_args(torch.load(bad, weights_only=True), bad)
+
+
+def test_missing_checkpoint_and_executable_script(trained_an4, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([str(REPO / "splitformer" / "decode.py"), "--exp-dir", str(tmp_path), "--epoch", "3"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "epoch-3.pt: no such file" in r.stderr
+
+
+def test_beam_searches_on_the_trained_model(trained_an4):
+    """Beam search never scores below greedy on its own objective; both beam methods run end to end."""
+    import argparse
+
+    from splitformer.decode import load_model, test_loader
+    from splitformer.decoding.search import greedy_search, modified_beam_search
+
+    t = trained_an4
+    args = argparse.Namespace(exp_dir=t["exp"], epoch=2, iter=0, avg=1, use_averaged_model=False)
+    model, _ = load_model(args)
+    loader, _ = test_loader(t["manifests"], "an4", "dev", 15)
+    batch = next(iter(loader))
+    feats, lens = batch["inputs"], batch["supervisions"]["num_frames"]
+    with torch.no_grad():
+        for exit_layer, enc, enc_lens in model.encode_exits(feats, lens):
+            proj = model.project_encoder(enc, exit_layer)
+            g = greedy_search(model, proj, enc_lens)
+            b = modified_beam_search(model, proj, enc_lens, beam=4)
+            assert all(hb.log_prob >= hg.log_prob - 1e-4 for hg, hb in zip(g, b))
+    for method in ("modified_beam_search", "ctc_prefix_beam_search"):
+        assert _decode(t, "--exit-layer", "4", "--max-duration", "15", method=method) == 0
+        tag = f"epoch-2_avg-1_exit-4_{method}_beam-4"
+        assert (t["exp"] / method / f"errs-dev-{tag}.txt").is_file()
+        assert _runs(t, method)[tag]["num_utts"] == 100
+
+
+def test_conflicting_exit_flags_are_refused(trained_an4, capsys):
+    assert _decode(trained_an4, "--exit-layer", "2", "--exit-strategy", "entropy", "--exit-threshold", "1") == 2
+    assert "drop --exit-layer" in capsys.readouterr().err
+    assert _decode(trained_an4, "--exit-threshold", "0.5") == 2
+    assert "needs --exit-strategy" in capsys.readouterr().err
+    assert _decode(trained_an4, "--exit-strategy", "confidence") == 2
+    assert "needs --exit-threshold" in capsys.readouterr().err
