@@ -34,3 +34,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     # --keep-last-k 2: checkpoint-2 was deleted once 6 and 8 were written
     assert sorted(x.name for x in ref.glob("checkpoint-*.pt")) == ["checkpoint-6.pt", "checkpoint-8.pt"]
     assert ca["args"]["encoder_dim"] == "16" and ca["args"]["vocab_size"] == 30
+
+    # --start-epoch 2 from the interrupted run's epoch-1.pt lands on the same weights too
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "epoch-1.pt").write_bytes((cut / "epoch-1.pt").read_bytes())
+    assert train_here([*COMMON, "--exp-dir", str(again), "--start-epoch", "2"], tiny_data)[0] == 0
+    assert max_abs_diff(load_weights(a), load_weights(again / "epoch-2.pt")) <= 1e-5
