@@ -81,8 +81,11 @@ class Metrics:
         """Sum over ranks (every rank must call it, with the same keys)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        # Union of the keys of all ranks: a rank whose batches were all skipped has none.
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(self.sums))
+        keys = sorted(set().union(*gathered))
+        t = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         out = Metrics()
         out.add(dict(zip(keys, t.tolist())))
