@@ -91,7 +91,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(model, device_ids=ids, find_unused_parameters=bool(args.find_unused_parameters))
         if args.compile:
-            self.train_model = torch.compile(self.train_model)
+            # dynamic: batches differ in length, static shapes would recompile for each new one
+            self.train_model = torch.compile(self.train_model, dynamic=True)
 
         self.dm = parts.build_datamodule(args)
         cuts = parts.train_cuts(self.dm, self.tokenizer)
