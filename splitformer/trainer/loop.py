@@ -91,8 +91,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(model, device_ids=ids, find_unused_parameters=bool(args.find_unused_parameters))
         if args.compile:
-            # dynamic: batches differ in length, static shapes would recompile for each new one
-            self.train_model = torch.compile(self.train_model, dynamic=True)
+            # default dynamic=None: shapes become symbolic after the first recompile
+            # (dynamic=True fails inside dynamo on the Zipformer with torch 2.13)
+            self.train_model = torch.compile(self.train_model)
 
         self.dm = parts.build_datamodule(args)
         cuts = parts.train_cuts(self.dm, self.tokenizer)
