@@ -1,0 +1,281 @@
+"""Lhotse data loading for training and decoding (the icefall `AsrDataModule` pattern).
+
+Batches are `K2SpeechRecognitionDataset(return_cuts=True)` dicts: `inputs` (B, T, 80) float,
+`supervisions` with `text`, `num_frames`, `cut`, ... In training batches, `sampler_state` is the
+sampler's state right after that batch was drawn: save it with a checkpoint and pass it back as
+`train_dataloader(..., sampler_state_dict=...)` to resume exactly after the last batch trained on
+(the sampler object itself runs ahead of training by the DataLoader's prefetched batches).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from lhotse import CutSet, Fbank, FbankConfig, load_manifest_lazy
+from lhotse.dataset import (
+    CutMix,
+    DynamicBucketingSampler,
+    K2SpeechRecognitionDataset,
+    OnTheFlyFeatures,
+    PrecomputedFeatures,
+    SimpleCutSampler,
+    SpecAugment,
+)
+from lhotse.utils import compute_num_frames
+from torch.utils.data import DataLoader
+
+from splitformer.data import use_soundfile_for_sphere
+from splitformer.data.recipes import get_dataset
+
+log = logging.getLogger(__name__)
+FRAME_SHIFT = 0.01  # seconds, lhotse Fbank default (100 frames per second)
+
+
+def str2bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in ("true", "t", "yes", "y", "1"):
+        return True
+    if s in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def frames_after_subsampling(num_frames: int) -> int:
+    """Encoder output length for T input frames: Conv2dSubsampling ((T-7)//2) then the final x2 downsampling."""
+    return ((num_frames - 7) // 2 + 1) // 2
+
+
+class _StatefulSampler(torch.utils.data.Sampler):
+    """Yields (cuts, sampler state after these cuts), so that each batch carries its own resume point."""
+
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[Tuple[CutSet, Dict[str, Any]]]:
+        for cuts in self.sampler:
+            yield cuts, self.sampler.state_dict()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(copy.deepcopy(sd))  # lhotse consumes the dict it is given
+
+    def __getattr__(self, name: str):  # anything else (epoch, diagnostics, ...) is the lhotse sampler's
+        if "sampler" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["sampler"], name)
+
+
+class _WithSamplerState(torch.utils.data.Dataset):
+    def __init__(self, dataset: K2SpeechRecognitionDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, item: Tuple[CutSet, Dict[str, Any]]) -> Dict[str, Any]:
+        cuts, state = item
+        batch = self.dataset[cuts]
+        batch["sampler_state"] = state
+        return batch
+
+
+class AsrDataModule:
+    """Cut loading, filtering and DataLoaders for one corpus under `--manifest-dir`."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.info = get_dataset(args.dataset)
+        use_soundfile_for_sphere()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("Data", "Which cuts to load and how to batch/augment them")
+        g.add_argument("--manifest-dir", type=Path, default=Path("data/fbank"),
+                       help="where ./prepare.sh put <dataset>_cuts_<split>.jsonl.gz (with features)")
+        g.add_argument("--dataset", type=str, default="an4",
+                       help="an4 | librispeech | mini_librispeech | tedlium3 (see splitformer/data/recipes.py)")
+        g.add_argument("--max-duration", type=float, default=200.0,
+                       help="seconds of audio per batch (summed over its cuts)")
+        g.add_argument("--bucketing-sampler", type=str2bool, default=True,
+                       help="DynamicBucketingSampler (similar durations per batch) instead of SimpleCutSampler")
+        g.add_argument("--num-buckets", type=int, default=30, help="buckets of the bucketing sampler")
+        g.add_argument("--shuffle", type=str2bool, default=True, help="shuffle training cuts every epoch")
+        g.add_argument("--drop-last", type=str2bool, default=False,
+                       help="drop incomplete training batches; with bucketing that is one per bucket, which on a "
+                            "corpus as small as AN4 (30 buckets of ~75 s) loses most of the data")
+        g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+        g.add_argument("--enable-spec-aug", type=str2bool, default=True, help="SpecAugment on training features")
+        g.add_argument("--spec-aug-time-warp-factor", type=int, default=0,
+                       help="SpecAugment time warp; 0 turns it off (the default: it is slow on CPU), icefall uses 80")
+        g.add_argument("--enable-musan", type=str2bool, default=False, help="mix MUSAN noise into training cuts")
+        g.add_argument("--musan-cuts", type=Path, default=Path("data/fbank/musan_cuts.jsonl.gz"),
+                       help="MUSAN cuts (with features unless --on-the-fly-feats) for --enable-musan")
+        g.add_argument("--on-the-fly-feats", type=str2bool, default=False,
+                       help="compute fbank from audio while loading instead of using the precomputed features")
+        g.add_argument("--max-cut-duration", type=float, default=20.0,
+                       help="training cuts longer than this many seconds are left out")
+
+    # ---- cuts --------------------------------------------------------------------------------
+    def _load(self, split: str) -> CutSet:
+        path = Path(self.args.manifest_dir) / f"{self.info.name}_cuts_{split}.jsonl.gz"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: run ./prepare.sh --dataset {self.info.name} (or fix --manifest-dir)"
+            )
+        log.info("loading %s", path)
+        return load_manifest_lazy(path)
+
+    def train_cuts(self) -> CutSet:
+        parts = [self._load(s) for s in self.info.train_splits]
+        if len(parts) == 1:
+            return parts[0]
+        # interleave the parts in proportion to their sizes, so that every stretch of the stream
+        # looks like the whole training set (what the bucketing sampler's shuffle buffer sees)
+        sizes = [sum(1 for _ in p) for p in parts]
+        return CutSet.mux(*parts, weights=sizes)
+
+    def dev_cuts(self) -> CutSet:
+        return self._load(self.info.dev_split)
+
+    def test_cuts(self) -> Dict[str, CutSet]:
+        return {s: self._load(s) for s in self.info.test_splits}
+
+    def filter_cuts(
+        self,
+        cuts: CutSet,
+        tokenizer=None,
+        max_duration: Optional[float] = None,
+        rejected_file: Optional[Path] = None,
+        subsampled_length: Callable[[int], int] = frames_after_subsampling,
+    ) -> CutSet:
+        """Leave out cuts the model cannot train on; log how many and which.
+
+        Too short: fewer than 1 encoder frame after subsampling, or (with a tokenizer) fewer encoder
+        frames than tokens, which the transducer loss cannot align. Too long: over `max_duration`
+        seconds (default `--max-cut-duration`). Eager cut sets are filtered at once and the dropped ids
+        written to `rejected_file` if given; lazy ones are filtered as they are read, each drop logged.
+        """
+        max_duration = self.args.max_cut_duration if max_duration is None else max_duration
+
+        def reason(c) -> Optional[str]:
+            if max_duration is not None and max_duration > 0 and c.duration > max_duration:
+                return f"duration {c.duration:.2f} s > --max-cut-duration {max_duration}"
+            t = c.num_frames if c.has_features else compute_num_frames(c.duration, FRAME_SHIFT, c.sampling_rate)
+            t_sub = subsampled_length(t)
+            if t_sub < 1:
+                return f"{t} frames give {t_sub} after subsampling"
+            if tokenizer is not None:
+                n_tok = len(tokenizer.encode([c.supervisions[0].text])[0])
+                if t_sub < n_tok:
+                    return f"{t_sub} frames after subsampling < {n_tok} tokens"
+            return None
+
+        if cuts.is_lazy:
+            def keep(c) -> bool:
+                r = reason(c)
+                if r is not None:
+                    log.warning("leaving out cut %s: %s", c.id, r)
+                return r is None
+            return cuts.filter(keep)
+
+        kept, dropped = [], []
+        for c in cuts:
+            r = reason(c)
+            (kept if r is None else dropped).append(c if r is None else (c.id, r))
+        log.info("filter_cuts: kept %d of %d cuts, left out %d", len(kept), len(cuts), len(dropped))
+        for cid, r in dropped:
+            log.info("left out %s: %s", cid, r)
+        if rejected_file is not None:
+            Path(rejected_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(rejected_file).write_text("".join(f"{cid}\t{r}\n" for cid, r in dropped))
+        return CutSet.from_cuts(kept)
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def _input_strategy(self):
+        if self.args.on_the_fly_feats:
+            return OnTheFlyFeatures(Fbank(FbankConfig(num_mel_bins=80)))
+        return PrecomputedFeatures()
+
+    def _sampler(self, cuts: CutSet, shuffle: bool, drop_last: bool, world_size: int, rank: int, seed: int):
+        num_buckets = self.args.num_buckets
+        if not cuts.is_lazy:  # a small in-memory set: no more buckets than pairs of cuts
+            num_buckets = min(num_buckets, len(cuts) // 2)
+        if self.args.bucketing_sampler and num_buckets >= 2:
+            with warnings.catch_warnings():  # its advice about lazy manifests does not apply to small sets
+                warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+                return DynamicBucketingSampler(
+                    cuts, max_duration=self.args.max_duration, shuffle=shuffle, num_buckets=num_buckets,
+                    drop_last=drop_last, world_size=world_size, rank=rank, seed=seed,
+                )
+        return SimpleCutSampler(
+            cuts, max_duration=self.args.max_duration, shuffle=shuffle, drop_last=drop_last,
+            world_size=world_size, rank=rank, seed=seed,
+        )
+
+    def train_dataloader(
+        self,
+        cuts: CutSet,
+        sampler_state_dict: Optional[Dict[str, Any]] = None,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 42,
+    ) -> DataLoader:
+        """Shuffled, augmented batches; `world_size`/`rank` shard the batches for DDP."""
+        transforms: List[Callable] = []
+        if self.args.enable_musan:
+            musan = Path(self.args.musan_cuts)
+            if not musan.is_file():
+                raise FileNotFoundError(f"--enable-musan needs {musan} (MUSAN cuts); give --musan-cuts")
+            log.info("MUSAN noise mixing from %s", musan)
+            transforms.append(CutMix(cuts=load_manifest_lazy(musan), p=0.5, snr=(10, 20), preserve_id=True, seed=seed))
+        input_transforms: List[Callable] = []
+        if self.args.enable_spec_aug:
+            input_transforms.append(
+                SpecAugment(
+                    time_warp_factor=self.args.spec_aug_time_warp_factor,
+                    num_frame_masks=10,
+                    features_mask_size=27,
+                    num_feature_masks=2,
+                    frames_mask_size=100,
+                    max_frames_mask_fraction=0.15,
+                )
+            )
+        dataset = K2SpeechRecognitionDataset(
+            cut_transforms=transforms,
+            input_transforms=input_transforms,
+            input_strategy=self._input_strategy(),
+            return_cuts=True,
+        )
+        sampler = self._sampler(cuts, self.args.shuffle, self.args.drop_last, world_size, rank, seed)
+        wrapped = _StatefulSampler(sampler)
+        if sampler_state_dict is not None:
+            log.info("restoring the training sampler state")
+            wrapped.load_state_dict(sampler_state_dict)
+        return DataLoader(
+            _WithSamplerState(dataset),
+            sampler=wrapped,
+            batch_size=None,
+            num_workers=self.args.num_workers,
+            persistent_workers=False,
+        )
+
+    def _eval_dataloader(self, cuts: CutSet) -> DataLoader:
+        dataset = K2SpeechRecognitionDataset(input_strategy=self._input_strategy(), return_cuts=True)
+        sampler = self._sampler(cuts, shuffle=False, drop_last=False, world_size=1, rank=0, seed=0)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.args.num_workers)
+
+    def valid_dataloader(self, cuts: CutSet) -> DataLoader:
+        return self._eval_dataloader(cuts)
+
+    def test_dataloader(self, cuts: CutSet) -> DataLoader:
+        return self._eval_dataloader(cuts)

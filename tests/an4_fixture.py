@@ -1,0 +1,70 @@
+"""AN4 prepared once per test session (features + BPE), for every test that needs real data.
+
+Usage in a test module (tests/ is on sys.path under pytest's default import mode):
+
+    from an4_fixture import prepared_an4
+
+    @pytest.fixture(scope="session")
+    def an4_data(an4_dir, tmp_path_factory):
+        return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+
+`prepared_an4(root)` returns `root/data` holding `fbank/an4_cuts_{train,dev,test}.jsonl.gz` and
+`lang_bpe_30/bpe.model`. Calls with the same root in one process run `./prepare.sh` only once; a root
+prepared by an earlier process is reused as is (prepare.sh skips complete stages). Set
+SPLITFORMER_AN4_DATA to an already prepared data dir to skip preparation altogether.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Dict, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_AN4 = Path(os.environ.get("AN4_DIR", REPO.parent / "shared" / "data" / "an4"))
+VOCAB_SIZE = 30
+
+_cache: Dict[Path, Path] = {}
+_lock = threading.Lock()
+
+
+def _is_prepared(data: Path) -> bool:
+    return all(
+        (data / p).is_file()
+        for p in [
+            "fbank/an4_cuts_train.jsonl.gz",
+            "fbank/an4_cuts_dev.jsonl.gz",
+            "fbank/an4_cuts_test.jsonl.gz",
+            f"lang_bpe_{VOCAB_SIZE}/bpe.model",
+            f"lang_bpe_{VOCAB_SIZE}/tokens.txt",
+            ".done/an4.stage5",
+        ]
+    )
+
+
+def prepared_an4(tmp_root: Path, an4_dir: Optional[Path] = None) -> Path:
+    """Run `./prepare.sh --dataset an4` into `tmp_root/data` (once) and return that data dir."""
+    override = os.environ.get("SPLITFORMER_AN4_DATA")
+    if override and _is_prepared(Path(override)):
+        return Path(override)
+    tmp_root = Path(tmp_root).resolve()
+    with _lock:
+        if tmp_root in _cache:
+            return _cache[tmp_root]
+        data = tmp_root / "data"
+        if not _is_prepared(data):
+            corpus = Path(an4_dir) if an4_dir is not None else DEFAULT_AN4
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            cmd = [
+                str(REPO / "prepare.sh"), "--dataset", "an4", "--corpus-dir", str(corpus),
+                "--data-dir", str(data), "--num-jobs", "1", "--vocab-size", str(VOCAB_SIZE),
+            ]
+            proc = subprocess.run(cmd, cwd=tmp_root, capture_output=True, text=True)
+            (tmp_root / "prepare.log").write_text(proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"{' '.join(cmd)} failed with exit status {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                )
+        _cache[tmp_root] = data
+        return data

@@ -1,0 +1,128 @@
+"""AN4 through ./prepare.sh: stages, skip on re-run, split counts, features, BPE."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lhotse import load_manifest
+
+from an4_fixture import REPO, VOCAB_SIZE, prepared_an4
+
+sys.path.insert(0, str(REPO / "local"))
+import an4 as an4_recipe  # noqa: E402
+
+from splitformer.data.recipes import DATASETS  # noqa: E402
+from splitformer.data.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def an4_data(an4_dir, tmp_path_factory) -> Path:
+    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+
+
+def test_stages_announced_then_skipped(an4_data, an4_dir):
+    log = (an4_data.parent / "prepare.log")
+    if log.is_file():  # absent when SPLITFORMER_AN4_DATA points at an existing preparation
+        text = log.read_text()
+        for n in range(6):
+            assert re.search(rf"Stage {n}: ", text), f"stage {n} not announced:\n{text}"
+    proc = subprocess.run(
+        [str(REPO / "prepare.sh"), "--corpus-dir", str(an4_dir), "--data-dir", str(an4_data),
+         "--num-jobs", "1", "--vocab-size", str(VOCAB_SIZE)],
+        cwd=an4_data.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for n in (0, 1, 3, 4, 5):
+        assert re.search(rf"Stage {n}: .*already complete, skipping", out), out
+    assert "Stage 2: speed perturbation: off" in out
+    # nothing ran: no python tool logged anything
+    assert "INFO [" not in proc.stderr
+
+
+def test_split_counts(an4_data):
+    counts = {s: len(load_manifest(an4_data / "fbank" / f"an4_cuts_{s}.jsonl.gz")) for s in ("train", "dev", "test")}
+    assert counts == {"train": 848, "dev": 100, "test": 130}
+    for s in ("train", "dev", "test"):
+        assert (an4_data / f"{s}_rejected.txt").read_text() == ""
+
+
+def test_dev_is_first_100_training_utterances(an4_data, an4_dir):
+    lines = [l for l in (an4_dir / "etc" / "an4_train.transcription").read_text().splitlines() if l.strip()]
+    ids = [re.search(r"\(([^)]+)\)\s*$", l).group(1) for l in lines]
+    dev = load_manifest(an4_data / "fbank" / "an4_cuts_dev.jsonl.gz")
+    train = load_manifest(an4_data / "fbank" / "an4_cuts_train.jsonl.gz")
+    assert list(dev.ids) == ids[:100]
+    assert sorted(train.ids) == sorted(ids[100:])
+    first = dev[ids[0]]
+    assert first.supervisions[0].text == "YES" and first.sampling_rate == 16000
+
+
+def test_features_shape_and_finite(an4_data):
+    cuts = load_manifest(an4_data / "fbank" / "an4_cuts_test.jsonl.gz")
+    total = 0.0
+    for cut in cuts:
+        feats = cut.load_features()
+        assert feats.ndim == 2 and feats.shape[1] == 80
+        # 10 ms shift: T is the duration in centiseconds (no edge snipping)
+        assert abs(feats.shape[0] - round(cut.duration * 100)) <= 1
+        assert np.isfinite(feats).all()
+        total += cut.duration
+    assert 300 < total < 420  # AN4 test set: 0.10 h
+
+
+def test_bpe_ids_and_round_trip(an4_data):
+    lang = an4_data / f"lang_bpe_{VOCAB_SIZE}"
+    tokens = (lang / "tokens.txt").read_text().splitlines()
+    assert tokens[:3] == ["<blk> 0", "<sos/eos> 1", "<unk> 2"]
+    assert len(tokens) == VOCAB_SIZE == DATASETS["an4"].default_vocab_size
+    tok = Tokenizer(lang / "bpe.model")
+    assert (tok.blank_id, tok.vocab_size) == (0, VOCAB_SIZE)
+    texts = [c.supervisions[0].text for c in load_manifest(an4_data / "fbank" / "an4_cuts_test.jsonl.gz")]
+    ids = tok.encode(texts)
+    assert all(len(i) > 0 and min(i) >= 3 for i in ids)  # specials never appear in real text
+    assert [tok.decode(i) for i in ids] == texts
+    assert tok.decode([0] + ids[0] + [1]) == texts[0]  # blank and sos/eos are dropped
+    assert tok.encode("YES") == tok.encode(["YES"])
+
+
+def test_parse_transcription_tolerates_markers_and_blank_lines(tmp_path):
+    p = tmp_path / "x.transcription"
+    p.write_text("<s> YES </s> (an251-fash-b)\n\n   \n<s>   u m  </s>   (an2-fash-b)  \nNO ID HERE\nGO (an3-x-b)\n")
+    entries, problems = an4_recipe.parse_transcription(p)
+    assert [(e.utt_id, e.text) if e else None for e in entries] == [
+        ("an251-fash-b", "YES"), ("an2-fash-b", "U M"), None, ("an3-x-b", "GO")]
+    assert problems == [("x.transcription:5", f"{p}: line 5 has no utterance id '(...)': 'NO ID HERE'")]
+
+
+def test_parallel_feature_extraction_matches_serial(an4_data, tmp_path, monkeypatch):
+    import compute_fbank
+
+    monkeypatch.setattr(compute_fbank, "MIN_CUTS_PER_PROCESS_POOL", 5)
+    src = an4_data / "manifests" / "an4_cuts_test.jsonl.gz"
+    sub = tmp_path / "cuts.jsonl.gz"
+    load_manifest(src).subset(first=30).to_file(sub)
+    n, rejects = compute_fbank.compute_split(sub, tmp_path / "par.jsonl.gz", tmp_path / "par_feats", num_jobs=2)
+    assert (n, rejects) == (30, [])
+    assert len(list((tmp_path / "par_feats").glob("feats-*.lca"))) >= 2  # really went through workers
+    par = load_manifest(tmp_path / "par.jsonl.gz")
+    ser = load_manifest(an4_data / "fbank" / "an4_cuts_test.jsonl.gz")
+    assert list(par.ids) == list(load_manifest(sub).ids)  # order kept
+    for cut in par:
+        assert np.array_equal(cut.load_features(), ser[cut.id].load_features())
+
+
+def test_rerun_without_corpus_dir_and_foreign_dataset(an4_data):
+    run = lambda *a: subprocess.run([str(REPO / "prepare.sh"), "--data-dir", str(an4_data), *a],
+                                    cwd=an4_data.parent, capture_output=True, text=True, timeout=60)
+    proc = run("--vocab-size", str(VOCAB_SIZE))  # the corpus recorded by stage 0 is reused
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("already complete, skipping") == 5
+    proc = run("--dataset", "tedlium3", "--corpus-dir", str(an4_data))
+    assert proc.returncode != 0 and "already holds an4" in proc.stderr
+    proc = run("--stage", "x")
+    assert proc.returncode != 0 and "--stage/--stop-stage must be integers" in proc.stderr
