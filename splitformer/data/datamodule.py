@@ -267,12 +267,14 @@ class AsrDataModule:
             batch_size=None,
             num_workers=self.args.num_workers,
             persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),  # lets train.py's non_blocking copies overlap
         )
 
     def _eval_dataloader(self, cuts: CutSet) -> DataLoader:
         dataset = K2SpeechRecognitionDataset(input_strategy=self._input_strategy(), return_cuts=True)
         sampler = self._sampler(cuts, shuffle=False, drop_last=False, world_size=1, rank=0, seed=0)
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.args.num_workers)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.args.num_workers,
+                          pin_memory=torch.cuda.is_available())
 
     def valid_dataloader(self, cuts: CutSet) -> DataLoader:
         return self._eval_dataloader(cuts)

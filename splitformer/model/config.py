@@ -260,6 +260,16 @@ def _first(s: Any) -> int:
     return vals[0]
 
 
+def encoder_output_frames(args: argparse.Namespace, num_frames: int) -> int:
+    """Encoder output length for ``num_frames`` fbank frames, without building the model."""
+    if args.encoder_embed == "conv1d":
+        t = (num_frames - 3) // 4
+    else:
+        t = (num_frames - 7) // 2
+    downsample = 2 if args.encoder == "zipformer" else int(args.input_downsample)
+    return (t + downsample - 1) // downsample if t > 0 else t
+
+
 def build_encoder_embed(args: argparse.Namespace, out_dim: int) -> nn.Module:
     from splitformer.model.encoder_embed import Conv1dSubsampling, Conv2dSubsampling
 

@@ -302,7 +302,9 @@ class BypassModule(nn.Module):
             if rate > 0.0:
                 keep = (torch.rand(src.shape[1], 1, device=src.device) > rate).to(src.dtype)
                 scale = scale * keep  # (B, C), broadcasts over (T, B, C)
-        return torch.lerp(src_orig, src, scale)  # src_orig + (src - src_orig) * scale, in one pass
+        # lerp needs one dtype; under autocast src may be bf16/fp16 while src_orig is float32.
+        dt = torch.promote_types(src_orig.dtype, src.dtype)
+        return torch.lerp(src_orig.to(dt), src.to(dt), scale.to(dt))  # src_orig + (src - src_orig) * scale
 
 
 def _sequence_mask(x: Tensor, rate: float, training: bool) -> Optional[Tensor]:

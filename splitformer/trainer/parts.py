@@ -35,7 +35,9 @@ def build_tokenizer(args: argparse.Namespace):
 def train_cuts(dm, tokenizer):
     """Training cuts without those the model cannot learn from (too short for their transcript,
     longer than --max-cut-duration); the data module logs each one it leaves out."""
-    return dm.filter_cuts(dm.train_cuts(), tokenizer)
+    from splitformer.model.config import encoder_output_frames
+
+    return dm.filter_cuts(dm.train_cuts(), tokenizer, subsampled_length=lambda t: encoder_output_frames(dm.args, t))
 
 
 def train_loader(dm, cuts, world_size: int, rank: int, seed: int):
