@@ -65,6 +65,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--warm-step", type=int, default=2000,
              help="Batches over which the simple-loss weight goes 1.0 -> --simple-loss-scale "
                   "and the pruned-loss weight 0.1 -> 1.0 (icefall's schedule).")
+    add_flag(g, "--schedule-ref-duration", type=float, default=600.0,
+             help="Seconds of audio that count as one batch for the Zipformer's dropout/layer-skip schedules "
+                  "(icefall: 600). A small corpus with few batches needs less, or its schedules never finish.")
     add_flag(g, "--rnnt-backend", choices=["auto", "torch", "k2", "fast_rnnt"], default="auto",
              help="Where the pruned RNN-T losses run (splitformer.losses.set_backend).")
     # checkpoints and averaging

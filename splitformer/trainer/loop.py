@@ -24,7 +24,6 @@ from splitformer.trainer.guards import (BadBatchGuard, TrainingError, batch_info
 from splitformer.trainer.objective import Metrics, combine_losses, encoder_frames, warmup_scales
 from splitformer.trainer.state import load_resume_checkpoint, restore_model
 
-REF_DURATION = 600.0  # icefall: batch counts are rescaled as if each batch held 600 s of audio
 
 
 def fix_random_seed(seed: int) -> None:
@@ -302,7 +301,7 @@ class Trainer:
         for batch in it:
             batch_idx_epoch += 1
             self.batch_idx_train += 1
-            set_batch_count(self.model, self.batch_idx_train * a.max_duration * ctx.world_size / REF_DURATION)
+            set_batch_count(self.model, self.batch_idx_train * a.max_duration * ctx.world_size / a.schedule_ref_duration)
             if dump is not None:
                 dump.write(f"{epoch}\t{self.batch_idx_train}\t{' '.join(batch_info(batch).cut_ids)}\n")
             self.sampler_state = batch.pop("sampler_state", None)
