@@ -31,20 +31,10 @@ from torch.utils.data import DataLoader
 
 from splitformer.data import use_soundfile_for_sphere
 from splitformer.data.recipes import get_dataset
+from splitformer.utils import str2bool
 
 log = logging.getLogger(__name__)
 FRAME_SHIFT = 0.01  # seconds, lhotse Fbank default (100 frames per second)
-
-
-def str2bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).lower()
-    if s in ("true", "t", "yes", "y", "1"):
-        return True
-    if s in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
 def frames_after_subsampling(num_frames: int) -> int:

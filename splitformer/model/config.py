@@ -10,17 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from splitformer.model.asr_model import AsrModel
-
-
-def str2bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).lower()
-    if s in ("1", "true", "yes", "y", "t"):
-        return True
-    if s in ("0", "false", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+from splitformer.utils import str2bool  # noqa: F401  (re-exported for the CLIs)
 
 
 def to_int_tuple(s: Any) -> Tuple[int, ...]:

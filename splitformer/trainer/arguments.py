@@ -7,19 +7,9 @@ that two parts may both declare e.g. ``--max-duration`` without argparse conflic
 import argparse
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+from splitformer.utils import str2bool
 
 HIDDEN = argparse.SUPPRESS
-
-
-def str2bool(v: Any) -> bool:
-    """icefall-style boolean flag value: ``--use-fp16 true``, ``--use-fp16 1``."""
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
 def has_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
