@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from splitformer.model.asr_model import AsrModel
-from splitformer.utils import str2bool  # noqa: F401  (re-exported for the CLIs)
+from splitformer.utils import str2bool
 
 
 def to_int_tuple(s: Any) -> Tuple[int, ...]:

@@ -7,6 +7,7 @@ that two parts may both declare e.g. ``--max-duration`` without argparse conflic
 import argparse
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
 from splitformer.utils import str2bool
 
 HIDDEN = argparse.SUPPRESS
