@@ -20,7 +20,7 @@ import torch
 from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter
 from tqdm import tqdm
 
-from prep_utils import add_repo_to_path, atomic_to_file, die_empty, record_rejects, setup_logging
+from prep_utils import add_repo_to_path, atomic_to_file, cuts_path, die_empty, existing_cuts, record_rejects, setup_logging
 
 add_repo_to_path()
 from splitformer.data import use_soundfile_for_sphere  # noqa: E402
@@ -101,12 +101,10 @@ def main() -> None:
     args.fbank_dir.mkdir(parents=True, exist_ok=True)
     for split in args.splits:
         suffix = "_sp" if split in args.sp_splits else ""
-        src = args.manifest_dir / f"{args.dataset}_cuts_{split}{suffix}.jsonl.gz"
-        if not src.is_file():
-            die_empty(f"{src} is missing: run stage 1{' and 2' if suffix else ''} first")
+        src = existing_cuts(args.manifest_dir, args.dataset, split + suffix, "stages 1 and 2" if suffix else "stage 1")
         n, rejects = compute_split(
             src,
-            args.fbank_dir / f"{args.dataset}_cuts_{split}.jsonl.gz",
+            cuts_path(args.fbank_dir, args.dataset, split),
             args.fbank_dir / f"{args.dataset}_feats_{split}",
             args.num_jobs,
         )

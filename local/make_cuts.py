@@ -20,7 +20,7 @@ from lhotse import CutSet, Recording, RecordingSet, SupervisionSet, fastcopy
 from tqdm import tqdm
 
 from audio_check import SAMPLING_RATE, check_audio, to_16k_mono
-from prep_utils import add_repo_to_path, atomic_to_file, die_empty, record_rejects, setup_logging
+from prep_utils import add_repo_to_path, atomic_to_file, cuts_path, die_empty, record_rejects, setup_logging
 
 add_repo_to_path()
 from splitformer.data import use_soundfile_for_sphere  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         record_rejects(args.data_dir, split, rejects)
         if len(cuts) == 0:
             die_empty(f"{args.dataset} split {split!r}: no usable utterance left (see {args.data_dir}/{split}_rejected.txt)")
-        atomic_to_file(cuts, args.manifest_dir / f"{args.dataset}_cuts_{split}.jsonl.gz")
+        atomic_to_file(cuts, cuts_path(args.manifest_dir, args.dataset, split))
         hours = sum(c.duration for c in cuts) / 3600
         log.info("%s %s: %d cuts (%.2f h), %d rejected", args.dataset, split, len(cuts), hours, len(rejects))
 

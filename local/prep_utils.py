@@ -66,6 +66,19 @@ def die_empty(message: str) -> None:
     sys.exit(EXIT_EMPTY)
 
 
+def cuts_path(manifest_dir: Path, dataset: str, split: str) -> Path:
+    """Where stage 1 (manifests) and stage 3 (fbank) keep a split's cuts."""
+    return Path(manifest_dir) / f"{dataset}_cuts_{split}.jsonl.gz"
+
+
+def existing_cuts(manifest_dir: Path, dataset: str, split: str, made_by: str) -> Path:
+    """The split's cuts file; stops with exit 2 naming the stage to run if an earlier stage left none."""
+    path = cuts_path(manifest_dir, dataset, split)
+    if not path.is_file():
+        die_empty(f"{path} is missing: run {made_by} first")
+    return path
+
+
 def atomic_to_file(manifest, path: Path) -> None:
     """Write a lhotse manifest so that a crash never leaves a half-written file that looks complete."""
     path = Path(path)

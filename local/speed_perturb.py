@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lhotse import CutSet
 
-from prep_utils import atomic_to_file, die_empty, setup_logging
+from prep_utils import atomic_to_file, existing_cuts, setup_logging
 
 log = logging.getLogger("prepare")
 
@@ -26,9 +26,7 @@ def main() -> None:
     args = p.parse_args()
     setup_logging()
     for split in args.splits:
-        src = args.manifest_dir / f"{args.dataset}_cuts_{split}.jsonl.gz"
-        if not src.is_file():
-            die_empty(f"{src} is missing: run stage 1 first")
+        src = existing_cuts(args.manifest_dir, args.dataset, split, "stage 1")
         cuts = CutSet.from_file(src)
         out = cuts
         for f in args.factors:

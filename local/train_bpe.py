@@ -15,7 +15,7 @@ from typing import List
 import sentencepiece as spm
 from lhotse import CutSet
 
-from prep_utils import die_empty, setup_logging
+from prep_utils import die_empty, existing_cuts, setup_logging
 
 log = logging.getLogger("prepare")
 SPECIALS = ["<blk>", "<sos/eos>"]  # user-defined symbols take ids 0 and 1; <unk> comes right after
@@ -62,9 +62,7 @@ def main() -> None:
     setup_logging()
     texts: List[str] = []
     for split in args.train_splits:
-        path = args.manifest_dir / f"{args.dataset}_cuts_{split}.jsonl.gz"
-        if not path.is_file():
-            die_empty(f"{path} is missing: run stage 1 first")
+        path = existing_cuts(args.manifest_dir, args.dataset, split, "stage 1")
         texts += [s.text for c in CutSet.from_file(path) for s in c.supervisions if s.text]
     if not texts:
         die_empty(f"no training transcripts for {args.dataset} in {args.manifest_dir}")

@@ -16,7 +16,7 @@ import numpy as np
 from lhotse import CutSet
 from tqdm import tqdm
 
-from prep_utils import SAMPLING_RATE, atomic_to_file, die_empty, record_rejects, setup_logging
+from prep_utils import SAMPLING_RATE, atomic_to_file, die_empty, existing_cuts, record_rejects, setup_logging
 
 log = logging.getLogger("prepare")
 NUM_MEL_BINS = 80
@@ -64,9 +64,7 @@ def main() -> None:
     args = p.parse_args()
     setup_logging()
     for split in args.splits:
-        path = args.fbank_dir / f"{args.dataset}_cuts_{split}.jsonl.gz"
-        if not path.is_file():
-            die_empty(f"{path} is missing: run stage 3 first")
+        path = existing_cuts(args.fbank_dir, args.dataset, split, "stage 3")
         cuts = CutSet.from_file(path).to_eager()
         good, rejects = validate(cuts)
         record_rejects(args.data_dir, split, rejects)
