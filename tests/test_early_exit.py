@@ -150,14 +150,40 @@ def test_branch_takes_its_block_input():
     assert not torch.allclose(enc.exit_norms[1](seen["block_out"]), out4)  # the branch really was added
 
 
+def test_learned_downsample_weights_train_under_scaled_adam():
+    """ScaledAdam scales updates by the parameter's RMS: weights that started at exactly zero never moved."""
+    from splitformer.optim import ScaledAdam
+
+    def moved(zero_start: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        ds = Downsample(2, "learned")
+        if zero_start:
+            ds.weights.data.zero_()
+        before = ds.weights.detach().clone()
+        opt = ScaledAdam([("weights", ds.weights)], lr=0.05)
+        x = torch.randn(4, 10, 3)
+        for _ in range(20):
+            y, _ = ds(x, torch.full((4,), 10))
+            (y - x[:, ::2]).pow(2).sum().backward()  # the target favours the first frame of each pair
+            opt.step()
+            opt.zero_grad()
+        return ds.weights.detach() - before
+
+    d = moved(zero_start=False)
+    assert d[0] > 0.04 and d[1] < -0.04  # towards the first frame
+    assert moved(zero_start=True).abs().max() < 1e-3  # the old all-zero start: stuck
+
+
 def test_weighted_downsample_averages_and_ignores_padding():
     ds = Downsample(2, "learned")
     x = torch.tensor([[1.0, 3.0, 5.0, 7.0, 9.0], [2.0, 4.0, 6.0, 100.0, 100.0]]).unsqueeze(-1)
     y, ylens = ds(x, torch.tensor([5, 3]))
     assert ylens.tolist() == [3, 2]
-    # zero-initialised weights = plain average; an incomplete group is completed with the last valid frame
-    assert y[0, :, 0].tolist() == pytest.approx([2.0, 6.0, 9.0])
-    assert y[1, :2, 0].tolist() == pytest.approx([3.0, 6.0])
+    # a weighted average (near-plain at the start); an incomplete group is completed with the last valid frame
+    w0, w1 = torch.softmax(ds.weights.detach(), 0).tolist()
+    assert 0.4 < w0 < 0.5 < w1 < 0.6
+    assert y[0, :, 0].tolist() == pytest.approx([1 * w0 + 3 * w1, 5 * w0 + 7 * w1, 9.0])
+    assert y[1, :2, 0].tolist() == pytest.approx([2 * w0 + 4 * w1, 6.0])
     drop, dlens = Downsample(2, "drop")(x, torch.tensor([5, 3]))
     assert drop[0, :, 0].tolist() == [1.0, 5.0, 9.0] and dlens.tolist() == [3, 2]
 
@@ -299,7 +325,7 @@ def test_zipformer_layers_are_called_time_major_with_matching_positions(monkeypa
 
     class FakeLayer(torch.nn.Module):
         def __init__(self, embed_dim, pos_dim, num_heads, query_head_dim, pos_head_dim, value_head_dim,
-                     feedforward_dim, dropout, cnn_module_kernel):
+                     feedforward_dim, dropout, cnn_module_kernel, bypass_skip_rate=None):
             super().__init__()
             self.lin = torch.nn.Linear(embed_dim, embed_dim)
 

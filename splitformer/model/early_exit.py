@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from splitformer.model.conformer import AbsolutePositionalEncoding, ConformerLayer, RelativePositionalEncoding
+from splitformer.model.scaling import limit_param_value
 
 LAYER_TYPES = ("zipformer", "conformer")
 DOWNSAMPLE_MODES = ("learned", "drop")
@@ -32,6 +33,9 @@ class Downsample(nn.Module):
     (Zipformer's SimpleDownsample); a sequence's last, incomplete group is completed with its last valid frame,
     so the result does not depend on how much padding the batch adds.  ``"drop"``: keep every ``factor``-th frame
     (frames 0, f, 2f, ...), the Splitformer paper's choice; no parameters.
+
+    The learned weights start near, not at, zero: ScaledAdam sizes each update by the parameter's RMS (floored
+    at 1e-5), so an all-zero start would never move and the "learned" average would stay a plain one.
     """
 
     def __init__(self, factor: int, mode: str = "learned") -> None:
@@ -43,7 +47,8 @@ class Downsample(nn.Module):
         self.factor = factor
         self.mode = mode
         if mode == "learned" and factor > 1:
-            self.weights = nn.Parameter(torch.zeros(factor))  # softmax(0) = plain average at start
+            # softmax of +-0.1: close to a plain average, with an RMS of 0.1 for ScaledAdam to scale from
+            self.weights = nn.Parameter(torch.linspace(-0.1, 0.1, factor))
 
     def forward(self, x: Tensor, lens: Tensor) -> Tuple[Tensor, Tensor]:
         f = self.factor
@@ -89,7 +94,9 @@ class SplitBranch(nn.Module):
     exact length and merge with the block output.
 
     ``combine="sum"``: ``block_out + branch`` (the paper).  ``"bypass"``: ``block_out + c * (branch - block_out)``
-    with a learned per-channel ``c`` in [0, 1], initialised at 0.5 (Zipformer's bypass style).
+    with a learned per-channel ``c`` kept in [0, 1] through its gradient, initialised at 0.5 (Zipformer's bypass
+    style). Sum leaves the main path untouched at the start; bypass halves it, so sum is the default.
+    The branch layers are never skipped at random: a skipped branch would add the block input to its output.
     """
 
     def __init__(self, layers: nn.ModuleList, dim: int, factor: int = 2, downsample: str = "learned",
@@ -116,7 +123,7 @@ class SplitBranch(nn.Module):
         y = upsample_repeat(y, self.factor, block_out.size(1))
         if self.combine == "sum":
             return block_out + y
-        c = self.bypass_scale.clamp(0.0, 1.0)
+        c = limit_param_value(self.bypass_scale, 0.0, 1.0, self.training)
         return block_out + c * (y - block_out)
 
 
@@ -210,13 +217,14 @@ class EarlyExitEncoder(nn.Module):
         self.split_blocks: List[int] = resolved
         self.branches = nn.ModuleDict({
             str(b): SplitBranch(
-                nn.ModuleList([self._make_layer(layer_type, hp) for _ in range(split_num_layers)]),
+                nn.ModuleList([self._make_layer(layer_type, hp, skip_rate=0.0) for _ in range(split_num_layers)]),
                 d_model, split_downsampling_factor, split_downsample, split_combine)
             for b in resolved
         })
 
     @staticmethod
-    def _make_layer(layer_type: str, hp: dict) -> nn.Module:
+    def _make_layer(layer_type: str, hp: dict, skip_rate: Optional[float] = None) -> nn.Module:
+        """One layer; ``skip_rate`` overrides a Zipformer layer's scheduled layer-skip rate."""
         if layer_type == "conformer":
             return ConformerLayer(hp["d_model"], hp["num_heads"], hp["feedforward_dim"], hp["cnn_module_kernel"],
                                   hp["dropout"], hp["pos_encoding"], hp["conv_norm"])
@@ -224,6 +232,8 @@ class EarlyExitEncoder(nn.Module):
 
         # the regularisers are passed only when on, so the DESIGN.md signature is all that is required otherwise
         extra = {k: True for k in ("use_balancers", "use_whiten") if hp[k]}
+        if skip_rate is not None:
+            extra["bypass_skip_rate"] = skip_rate
         return ZipformerLayerAdapter(Zipformer2EncoderLayer(
             embed_dim=hp["d_model"], pos_dim=hp["pos_dim"], num_heads=hp["num_heads"],
             query_head_dim=hp["query_head_dim"], pos_head_dim=hp["pos_head_dim"],

@@ -10,6 +10,9 @@ What is here, and why:
   RMS, so one large constant channel cannot dominate the norm), times a learned scalar ``exp(log_scale)``.
 - ``ScheduledFloat``: a float that follows a piecewise-linear schedule of the training batch count
   (dropout and layer-skip rates); ``set_batch_count(model, n)`` updates every one in a model.
+- ``limit_param_value``: keeps a parameter inside a range by steering its gradient, not by clamping its
+  value (a clamp would stop the gradient dead at the bound, and a value initialised outside the range would
+  never move).
 - ``Balancer`` and ``Whiten``: optional gradient-only regularisers (identity in forward), off by default.
 """
 from __future__ import annotations
@@ -73,6 +76,37 @@ def set_batch_count(model: nn.Module, batch_count: float) -> None:
     for m in model.modules():
         if isinstance(m, ScheduledFloat):
             m.batch_count = float(batch_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Range limits on parameters
+
+
+class _LimitParamValue(torch.autograd.Function):
+    """Identity in forward; in backward, a gradient that would push an out-of-range element further out
+    has its sign flipped, so the optimizer walks it back into ``[lo, hi]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        # a descent step moves x by -grad: below lo a positive grad pushes it further down, above hi a negative one
+        away = ((x < ctx.lo) & (grad > 0)) | ((x > ctx.hi) & (grad < 0))
+        return torch.where(away, -grad, grad), None, None
+
+
+def limit_param_value(x: Tensor, lo: float, hi: float, training: bool = True) -> Tensor:
+    """``x`` unchanged in value; in training its gradient is steered to keep it in ``[lo, hi]``."""
+    if lo > hi:
+        raise ValueError(f"limit_param_value: lo={lo} > hi={hi}")
+    if not training or not x.requires_grad:
+        return x
+    return _LimitParamValue.apply(x, float(lo), float(hi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +287,7 @@ class BiasNorm(nn.Module):
     """y = x / RMS(x - bias) * exp(log_scale), over ``channel_dim``.
 
     Unlike LayerNorm, the output is not re-centred: the bias only enters the RMS. ``log_scale`` is
-    kept in [log_scale_min, log_scale_max] by clamping in training.
+    kept in [log_scale_min, log_scale_max] in training by ``limit_param_value`` (its gradient, not its value).
     """
 
     def __init__(self, num_channels: int, channel_dim: int = -1, log_scale: float = 1.0,
@@ -271,9 +305,7 @@ class BiasNorm(nn.Module):
         if x.shape[cdim] != self.num_channels:
             raise ValueError(f"BiasNorm expected {self.num_channels} channels on dim {cdim}, got {tuple(x.shape)}")
         bias = self.bias.reshape([-1] + [1] * (x.ndim - cdim - 1))
-        log_scale = self.log_scale
-        if self.training:
-            log_scale = log_scale.clamp(self.log_scale_min, self.log_scale_max)
+        log_scale = limit_param_value(self.log_scale, self.log_scale_min, self.log_scale_max, self.training)
         scales = torch.mean((x - bias) ** 2, dim=cdim, keepdim=True).add(1e-20).rsqrt() * log_scale.exp()
         return x * scales
 

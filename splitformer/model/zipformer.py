@@ -36,6 +36,7 @@ from splitformer.model.scaling import (
     ScheduledFloat,
     Whiten,
     convert_num_channels,
+    limit_param_value,
     maybe,
 )
 
@@ -281,8 +282,10 @@ class ConvolutionModule(nn.Module):
 class BypassModule(nn.Module):
     """out = src_orig + (src - src_orig) * scale, with a learned per-channel scale.
 
-    In training the scale is clamped to [scale_min, scale_max] (so a module cannot be bypassed entirely
-    early on), and with probability ``skip_rate`` a whole sequence skips the module (scale 0).
+    In training the scale is kept in [scale_min, scale_max] by ``limit_param_value``: the value used is the
+    parameter itself, and only its gradient is steered back into the range (icefall's behaviour; a clamp would
+    freeze a scale initialised below scale_min until the schedule lowers the bound). With probability
+    ``skip_rate`` a whole sequence skips the module (scale 0).
     """
 
     def __init__(self, embed_dim: int, skip_rate: FloatLike = 0.0, scale_min: Optional[FloatLike] = None,
@@ -297,7 +300,7 @@ class BypassModule(nn.Module):
     def forward(self, src_orig: Tensor, src: Tensor) -> Tensor:
         scale = self.bypass_scale
         if self.training:
-            scale = scale.clamp(float(self.scale_min), float(self.scale_max))
+            scale = limit_param_value(scale, float(self.scale_min), float(self.scale_max))
             rate = float(self.skip_rate)
             if rate > 0.0:
                 keep = (torch.rand(src.shape[1], 1, device=src.device) > rate).to(src.dtype)
