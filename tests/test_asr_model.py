@@ -129,3 +129,94 @@ def test_ctc_only_model_has_no_transducer():
     assert set(res[6]) == {"ctc", "ctc_num_inf"}
     with pytest.raises(RuntimeError, match="no transducer"):
         model.project_encoder(torch.zeros(1, 2, 16))
+
+
+def _losses_and_grads(model, x, lens, targets, exits):
+    """Per-exit losses of ``exits`` and the gradient of their sum w.r.t. every parameter."""
+    model.zero_grad()
+    res = model(x, lens, targets, exit_layers=exits)
+    total = sum(v for r in res.values() for k, v in r.items() if k != "ctc_num_inf")
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {e: {k: v.detach() for k, v in r.items()} for e, r in res.items()}, grads
+
+
+def test_stacked_exits_equal_the_per_exit_loop():
+    """All exits in one loss call (stacked along the batch) give the losses and gradients of one call per exit."""
+    model = make_model().double().eval()  # eval: no CTC-head dropout, so both runs see the same function
+    x, lens, targets = batch()
+    x = x.double()
+    stacked, g_stacked = _losses_and_grads(model, x, lens, targets, None)
+    looped: dict = {}
+    g_looped: dict = {}
+    for e in model.exits:  # one exit per call: no stacking
+        res, g = _losses_and_grads(model, x, lens, targets, [e])
+        looped.update(res)
+        for n, v in g.items():
+            g_looped[n] = g_looped.get(n, 0) + v
+    assert set(stacked) == set(looped) == {2, 4, 6}
+    for e in model.exits:
+        for k in ("simple", "pruned", "ctc"):
+            torch.testing.assert_close(stacked[e][k], looped[e][k], rtol=1e-5, atol=1e-5)
+        assert int(stacked[e]["ctc_num_inf"]) == int(looped[e]["ctc_num_inf"]) == 0
+    assert set(g_stacked) == set(g_looped)
+    for n in g_stacked:
+        torch.testing.assert_close(g_stacked[n], g_looped[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_exits_of_different_lengths_fall_back_to_the_loop():
+    from splitformer.model.asr_model import stack_groups
+
+    a, b = torch.zeros(2, 10, 4), torch.zeros(2, 5, 4)
+    lens10, lens5 = torch.tensor([10, 8]), torch.tensor([5, 4])
+    groups = stack_groups([(2, a, lens10), (4, a, lens10), (6, b, lens5), (8, b, lens5), (10, a, lens10)])
+    assert [[e for e, _, _ in g] for g in groups] == [[2, 4], [6, 8], [10]]
+    # equal shapes but other lengths are not stacked either
+    assert len(stack_groups([(2, a, lens10), (4, a, torch.tensor([10, 7]))])) == 2
+
+
+def test_ctc_infeasible_counts_repeats():
+    from splitformer.losses import ctc_infeasible
+
+    lens = torch.tensor([3, 3, 4, 2])
+    # [1,1,2] needs 4 frames (a blank between the 1s); [1,2,3] needs 3; [5,5,5] needs 5; [] fits anywhere
+    assert ctc_infeasible(lens, [[1, 2, 3], [1, 1, 2], [5, 5, 5], []]) == 2
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("splitformer-cpu", dict(split_blocks="0,1")),  # Zipformer layers with Splitformer branches
+    ("ee-conformer-paper", dict(use_transducer=True, use_ctc=True)),  # Conformer layers
+])
+def test_real_early_exit_models_take_the_stacked_path(preset, extra, monkeypatch):
+    from splitformer.model import asr_model
+    from splitformer.model.config import build_model
+
+    args = default_model_args(preset=preset, encoder_dim="32", encoder_unmasked_dim="32", feedforward_dim="64",
+                              num_heads="4", num_encoder_layers="4", exit_layers="2,4", cnn_module_kernel="7",
+                              decoder_dim=16, joiner_dim=16, dropout=0.0, **extra)
+    torch.manual_seed(0)
+    model = build_model(args, 10).double().eval()
+    sizes = []
+    real = asr_model.AsrModel._transducer_losses
+
+    def spy(self, idxs, *a, **k):
+        sizes.append(len(idxs))
+        return real(self, idxs, *a, **k)
+
+    monkeypatch.setattr(asr_model.AsrModel, "_transducer_losses", spy)
+    x, lens, targets = batch()
+    x = x.double()
+    stacked, g_stacked = _losses_and_grads(model, x, lens, targets, None)
+    assert sizes == [2]  # both exits in one call
+    looped: dict = {}
+    g_looped: dict = {}
+    for e in model.exits:
+        res, g = _losses_and_grads(model, x, lens, targets, [e])
+        looped.update(res)
+        for n, v in g.items():
+            g_looped[n] = g_looped.get(n, 0) + v
+    for e in model.exits:
+        for k in ("simple", "pruned", "ctc"):
+            torch.testing.assert_close(stacked[e][k], looped[e][k], rtol=1e-5, atol=1e-5)
+    for n in g_stacked:
+        torch.testing.assert_close(g_stacked[n], g_looped[n], rtol=1e-5, atol=1e-5, msg=n)

@@ -57,6 +57,7 @@ def checkpoint_args(ckpt: Dict[str, Any], path: Path) -> argparse.Namespace:
     if not isinstance(stored, dict):
         raise DecodeSetupError(f"{path} holds no model flags ('args'); it was not written by splitformer/train.py")
     args = default_model_args()
+    args.feature_norm = "none"  # checkpoints from before --feature-norm hold no statistics
     for k, v in stored.items():
         setattr(args, k, v)
     return args

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 from . import rnnt as _torch_impl
-from .ctc import ctc_loss
+from .ctc import ctc_infeasible, ctc_loss
 from .mutual_information import mutual_information_recursion as _torch_mi
 
 __all__ = [
-    "add_arguments", "set_backend", "get_backend", "ctc_loss", "mutual_information_recursion",
+    "add_arguments", "set_backend", "get_backend", "ctc_infeasible", "ctc_loss", "mutual_information_recursion",
     "rnnt_loss", "rnnt_loss_simple", "rnnt_loss_smoothed", "rnnt_loss_pruned",
     "get_rnnt_prune_ranges", "do_rnnt_pruning", "get_rnnt_logprobs", "get_rnnt_logprobs_joint",
     "get_rnnt_logprobs_pruned", "get_rnnt_logprobs_smoothed",

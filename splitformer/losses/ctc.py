@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def ctc_infeasible(log_probs_lens: Tensor, targets: List[List[int]]) -> int:
+    """How many utterances no CTC path can emit: fewer frames than tokens plus repeated neighbours
+    (each repeat needs a blank between its two copies)."""
+    n = 0
+    for t, seq in zip(log_probs_lens.tolist(), targets):
+        repeats = sum(1 for a, b in zip(seq[:-1], seq[1:]) if a == b)
+        n += int(t < len(seq) + repeats)
+    return n
+
+
 def ctc_loss(
     log_probs: Tensor,
     log_probs_lens: Tensor,

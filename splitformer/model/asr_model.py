@@ -24,6 +24,44 @@ def pad_targets(targets: Sequence[Sequence[int]], pad: int, device: torch.device
     return out.to(device), lens
 
 
+def stack_groups(outs: Sequence[Tuple[int, torch.Tensor, torch.Tensor]]) -> List[List[Tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Split exits ``(layer, out (B, T, D), lens)`` into runs of consecutive exits with equal shapes and
+    lengths, which the losses can take stacked along the batch axis."""
+    groups: List[List[Tuple[int, torch.Tensor, torch.Tensor]]] = []
+    for item in outs:
+        if groups:
+            _, o, l = groups[-1][0]
+            if o.shape == item[1].shape and torch.equal(l, item[2]):
+                groups[-1].append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
+class FeatureNorm(nn.Module):
+    """``(x - mean) / std`` per feature bin, with the training set's statistics held as buffers.
+
+    Identity until ``set_stats`` is called (train.py does it before the first update), so a model built
+    for a test, or loaded from a checkpoint, applies exactly the numbers it was trained with.
+    """
+
+    def __init__(self, dim: int = 80) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("inv_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if mean.shape != self.mean.shape or std.shape != self.mean.shape:
+            raise ValueError(f"feature statistics of shape {tuple(mean.shape)}/{tuple(std.shape)}, "
+                             f"expected {tuple(self.mean.shape)}")
+        self.mean.copy_(mean)
+        self.inv_std.copy_(1.0 / std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) * self.inv_std.to(x.dtype)
+
+
 class AsrModel(nn.Module):
     def __init__(
         self,
@@ -37,10 +75,14 @@ class AsrModel(nn.Module):
         use_transducer: bool = True,
         use_ctc: bool = True,
         ctc_dropout: float = 0.1,
+        feature_norm: bool = False,
+        feature_dim: int = 80,
     ):
         super().__init__()
         if not (use_transducer or use_ctc):
             raise ValueError("at least one of use_transducer and use_ctc must be true")
+        # global mean/variance normalisation of the fbank (statistics set by train.py); None: raw features
+        self.feature_norm = FeatureNorm(feature_dim) if feature_norm else None
         self.encoder_embed = encoder_embed
         self.encoder = encoder
         self.vocab_size = vocab_size
@@ -77,13 +119,16 @@ class AsrModel(nn.Module):
         return self.exits.index(exit_layer)
 
     # ------------------------------------------------------------------ encoder
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.feature_norm is None else self.feature_norm(features)
+
     def encode_exits(
         self, features: torch.Tensor, feature_lens: torch.Tensor, max_exit: Optional[int] = None
     ) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
         """Run the encoder once up to ``max_exit`` (the top if None); return every exit on the way."""
         if max_exit is not None:
             self.exit_index(max_exit)
-        x, x_lens = self.encoder_embed(features, feature_lens)
+        x, x_lens = self.encoder_embed(self.normalize(features), feature_lens)
         outs = self.encoder(x, x_lens, max_exit=max_exit)
         return [(e, o, l) for e, (o, l) in zip(self.exits, outs)]
 
@@ -99,7 +144,7 @@ class AsrModel(nn.Module):
         self, features: torch.Tensor, feature_lens: torch.Tensor
     ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield exits one at a time, computing the next block only when asked (dynamic exits)."""
-        x, x_lens = self.encoder_embed(features, feature_lens)
+        x, x_lens = self.encoder_embed(self.normalize(features), feature_lens)
         if hasattr(self.encoder, "iter_exits"):
             for e, (o, l) in zip(self.exits, self.encoder.iter_exits(x, x_lens)):
                 yield e, o, l
@@ -124,8 +169,8 @@ class AsrModel(nn.Module):
     # ------------------------------------------------------------------ losses
     def _transducer_losses(
         self,
-        idx: int,
-        enc_out: torch.Tensor,
+        idxs: Sequence[int],
+        enc_outs: Sequence[torch.Tensor],
         enc_lens: torch.Tensor,
         decoder_out: torch.Tensor,
         lm: torch.Tensor,
@@ -135,10 +180,21 @@ class AsrModel(nn.Module):
         am_scale: float,
         lm_scale: float,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Simple and pruned losses of the exits ``idxs``, per utterance: ``(E * B,)`` each, exit-major.
+
+        The exits are stacked along the batch axis (they share T), so the two recursions, the pruning
+        and the joiner run once for all of them instead of once per exit.
+        """
+        n = len(idxs)
+        enc_out = torch.cat(list(enc_outs), dim=0) if n > 1 else enc_outs[0]
+        if n > 1:
+            y_padded, y_lens, enc_lens = y_padded.repeat(n, 1), y_lens.repeat(n), enc_lens.repeat(n)
+            decoder_out, lm = decoder_out.repeat(n, 1, 1), lm.repeat(n, 1, 1)
         boundary = torch.zeros((enc_out.size(0), 4), dtype=torch.int64, device=enc_out.device)
         boundary[:, 2] = y_lens
         boundary[:, 3] = enc_lens
-        am = self.simple_am_proj[idx](enc_out)
+        am = torch.cat([self.simple_am_proj[i](x) for i, x in zip(idxs, enc_outs)], dim=0)
+        enc_proj = torch.cat([self.encoder_proj[i](x) for i, x in zip(idxs, enc_outs)], dim=0)
         with torch.autocast(device_type=enc_out.device.type, enabled=False):
             simple_loss, (px_grad, py_grad) = losses.rnnt_loss_smoothed(
                 lm=lm.float(),
@@ -148,13 +204,11 @@ class AsrModel(nn.Module):
                 lm_only_scale=lm_scale,
                 am_only_scale=am_scale,
                 boundary=boundary,
-                reduction="sum",
+                reduction="none",
                 return_grad=True,
             )
         ranges = losses.get_rnnt_prune_ranges(px_grad=px_grad, py_grad=py_grad, boundary=boundary, s_range=prune_range)
-        am_pruned, lm_pruned = losses.do_rnnt_pruning(
-            am=self.encoder_proj[idx](enc_out), lm=self.decoder_proj(decoder_out), ranges=ranges
-        )
+        am_pruned, lm_pruned = losses.do_rnnt_pruning(am=enc_proj, lm=self.decoder_proj(decoder_out), ranges=ranges)
         logits = self.joiner(am_pruned, lm_pruned)
         with torch.autocast(device_type=enc_out.device.type, enabled=False):
             pruned_loss = losses.rnnt_loss_pruned(
@@ -163,7 +217,7 @@ class AsrModel(nn.Module):
                 ranges=ranges,
                 termination_symbol=self.blank_id,
                 boundary=boundary,
-                reduction="sum",
+                reduction="none",
             )
         return simple_loss, pruned_loss
 
@@ -180,7 +234,9 @@ class AsrModel(nn.Module):
         """Per-exit losses, each summed over the batch.
 
         ``exit_layers`` limits which exits get a loss (e.g. only the last for a single-exit
-        model); the encoder runs only up to the highest of them.
+        model); the encoder runs only up to the highest of them. Exits that share a frame count
+        (every exit of a one-rate early-exit stack) go through each loss in one call, stacked along
+        the batch; exits that differ in length fall back to one call each.
         """
         wanted = list(self.exits) if exit_layers is None else sorted(set(exit_layers))
         for e in wanted:
@@ -188,26 +244,46 @@ class AsrModel(nn.Module):
         if len(targets) != features.size(0):
             raise ValueError(f"{len(targets)} transcripts for a batch of {features.size(0)} utterances")
         outs = self.encode_exits(features, feature_lens, max_exit=max(wanted))
+        return self.losses_from_exits(outs, targets, prune_range, am_scale, lm_scale, wanted)
 
-        device = features.device
+    def losses_from_exits(
+        self,
+        outs: Sequence[Tuple[int, torch.Tensor, torch.Tensor]],
+        targets: Sequence[Sequence[int]],
+        prune_range: int = 5,
+        am_scale: float = 0.0,
+        lm_scale: float = 0.25,
+        exit_layers: Optional[Sequence[int]] = None,
+    ) -> Dict[int, Dict[str, torch.Tensor]]:
+        """The losses of ``forward`` from encoder outputs ``[(exit layer, out, lens)]`` already computed."""
+        wanted = list(self.exits) if exit_layers is None else sorted(set(exit_layers))
+        device = outs[0][1].device
+        b = outs[0][1].size(0)
         result: Dict[int, Dict[str, torch.Tensor]] = {}
         if self.use_transducer:
             y_padded, y_lens = pad_targets(targets, pad=self.blank_id, device=device)
             sos_y = torch.cat([torch.full_like(y_padded[:, :1], self.blank_id), y_padded], dim=1)
             decoder_out = self.decoder(sos_y)
             lm = self.simple_lm_proj(decoder_out)
-        for exit_layer, enc_out, enc_lens in outs:
-            if exit_layer not in wanted:
-                continue
-            idx = self.exit_index(exit_layer)
+        for group in stack_groups([(e, o, l) for e, o, l in outs if e in wanted]):
+            layers = [e for e, _, _ in group]
+            idxs = [self.exit_index(e) for e in layers]
+            enc_outs = [o for _, o, _ in group]
+            enc_lens = group[0][2]
+            n = len(group)
             res: Dict[str, torch.Tensor] = {}
             if self.use_transducer:
-                res["simple"], res["pruned"] = self._transducer_losses(
-                    idx, enc_out, enc_lens, decoder_out, lm, y_padded, y_lens, prune_range, am_scale, lm_scale
+                simple, pruned = self._transducer_losses(
+                    idxs, enc_outs, enc_lens, decoder_out, lm, y_padded, y_lens, prune_range, am_scale, lm_scale
                 )
+                res["simple"], res["pruned"] = simple.view(n, b).sum(1), pruned.view(n, b).sum(1)
             if self.use_ctc:
-                log_probs = self.ctc_output[idx](enc_out).float().log_softmax(dim=-1)
-                res["ctc"], num_inf = losses.ctc_loss(log_probs, enc_lens, targets, blank=self.blank_id, reduction="sum")
-                res["ctc_num_inf"] = torch.as_tensor(num_inf, device=device)
-            result[exit_layer] = res
+                log_probs = torch.cat([self.ctc_output[i](o) for i, o in zip(idxs, enc_outs)], dim=0)
+                per_utt, _ = losses.ctc_loss(log_probs.float().log_softmax(dim=-1), enc_lens.repeat(n),
+                                             list(targets) * n, blank=self.blank_id, reduction="none")
+                res["ctc"] = per_utt.view(n, b).sum(1)
+                # the exits of a group share their lengths, so the same utterances are infeasible in each
+                res["ctc_num_inf"] = torch.full((n,), losses.ctc_infeasible(enc_lens, targets), device=device)
+            for k, e in enumerate(layers):
+                result[e] = {name: v[k] for name, v in res.items()}
         return result

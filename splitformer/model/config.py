@@ -104,7 +104,9 @@ _EE_ZIPFORMER = dict(
     use_transducer=True,
     use_ctc=True,
 )
-_SPLIT_ZIP = dict(split_blocks="0,5", split_downsampling_factor=2, split_num_layers=1, split_downsample="learned", split_combine="bypass")
+# The branch output is summed with the block output, as in the paper (a bypass would halve block 0's main
+# path from the first step, and block 0 feeds every exit).
+_SPLIT_ZIP = dict(split_blocks="0,5", split_downsampling_factor=2, split_num_layers=1, split_downsample="learned", split_combine="sum")
 # The x4 Conv1d front end keeps the earliest exit cheap: Zipformer's Conv2d front end alone
 # costs ~150M MACs per second of audio, more than half of a 4M-parameter model.
 _EE_ZIPFORMER_CPU = dict(
@@ -141,6 +143,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="zipformer: multi-rate Zipformer2 (single exit); early-exit: one-rate stack with exits (and Splitformer branches)")
     g.add_argument("--encoder-embed", type=str, default="conv2d", choices=["conv2d", "conv1d"],
                    help="conv2d: Zipformer's x2 front end (+ConvNeXt); conv1d: the papers' x4 front end")
+    g.add_argument("--feature-norm", type=str, default="global", choices=["global", "none"],
+                   help="global: normalise the fbank by the training set's per-bin mean and std (stored in the model)")
     g.add_argument("--conv1d-activation", type=str, default="relu", choices=["relu", "swish", "none"],
                    help="activation between the two convs of the conv1d front end")
     # Zipformer2 per-stack settings (comma lists, icefall's names). The early-exit encoder reads the first value.
@@ -189,7 +193,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Flags that define the architecture; a checkpoint must agree on all of them.
 ARCH_KEYS: Tuple[str, ...] = (
-    "encoder", "encoder_embed", "conv1d_activation", "num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads",
+    "encoder", "encoder_embed", "feature_norm", "conv1d_activation", "num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads",
     "encoder_dim", "encoder_unmasked_dim", "cnn_module_kernel", "query_head_dim", "value_head_dim", "pos_head_dim",
     "pos_dim", "use_balancers", "use_whiten", "layer_type", "pos_encoding", "input_downsample", "exit_layers",
     "split_blocks", "split_downsampling_factor", "split_num_layers", "split_downsample", "split_combine",
@@ -342,4 +346,5 @@ def build_model(args: argparse.Namespace, vocab_size: Optional[int] = None) -> A
         blank_id=0,
         use_transducer=args.use_transducer,
         use_ctc=args.use_ctc,
+        feature_norm=getattr(args, "feature_norm", "none") == "global",
     )

@@ -75,6 +75,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--diagnostics-batches", type=int, default=4, help="Batches --print-diagnostics looks at.")
     add_flag(g, "--inf-check", type=str2bool, default=False,
              help="Hook every module and raise at the first non-finite activation or gradient.")
+    add_flag(g, "--valid-wer", type=str2bool, default=True,
+             help="Also decode the dev set greedily at every exit after each epoch and log its WER.")
     add_flag(g, "--log-interval", type=int, default=50, help="Log training loss every N batches.")
     add_flag(g, "--tensorboard", type=str2bool, default=True, help="Write exp-dir/tensorboard.")
     add_flag(g, "--progress-bar", type=str2bool, default=True, help="tqdm bar per epoch (rank 0).")

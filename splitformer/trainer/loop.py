@@ -8,7 +8,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ class Trainer:
         if args.debug_float64:  # for tests that compare runs to 1e-5 (float32 rounding noise gets amplified by Adam)
             model.double()
         self.dtype = next(model.parameters()).dtype
+        self.dm = parts.build_datamodule(args)
+        parts.set_feature_stats(model, self.dm)  # a resumed run then loads the saved ones over these
         self.model_args = model_args_dict(args)
         try:
             self.weights = exit_loss_weights(args, list(model.exits))
@@ -94,7 +96,6 @@ class Trainer:
             # (dynamic=True fails inside dynamo on the Zipformer with torch 2.13)
             self.train_model = torch.compile(self.train_model)
 
-        self.dm = parts.build_datamodule(args)
         cuts = parts.train_cuts(self.dm, self.tokenizer)
         check_max_duration(((c.id, float(c.duration)) for c in cuts), float(args.max_duration), "the training set")
         self.train_dl = parts.train_loader(self.dm, cuts, ctx.world_size, ctx.rank, args.seed)
@@ -171,7 +172,9 @@ class Trainer:
         return contextlib.nullcontext()
 
     def compute_loss(self, model: nn.Module, batch: Dict[str, Any], exits: List[int],
-                     weights: Dict[int, float]):
+                     weights: Dict[int, float], final_scales: bool = False):
+        """Loss of a batch; ``final_scales`` uses the loss weights of after the warm-up (validation),
+        so that losses of different epochs are comparable."""
         feats = batch["inputs"].to(self.device, dtype=self.dtype, non_blocking=True)
         sup = batch["supervisions"]
         feat_lens = sup["num_frames"].to(self.device)
@@ -179,7 +182,8 @@ class Trainer:
         with self.autocast():
             out = model(feats, feat_lens, y, prune_range=self.args.prune_range, am_scale=self.args.am_scale,
                         lm_scale=self.args.lm_scale, exit_layers=self.exit_layers)
-        s_simple, s_pruned = warmup_scales(self.batch_idx_train, self.args.warm_step, self.args.simple_loss_scale)
+        step = self.args.warm_step if final_scales else self.batch_idx_train
+        s_simple, s_pruned = warmup_scales(step, self.args.warm_step, self.args.simple_loss_scale)
         loss, info = combine_losses(out, weights, s_simple, s_pruned, self.args.ctc_loss_scale)
         info["frames"] = encoder_frames(sup["num_frames"])
         info["utterances"] = len(sup["text"])
@@ -333,12 +337,12 @@ class Trainer:
             dump.close()
         train_time = time.time() - t0
         train = self.epoch_metrics.all_reduce(self.device)
-        valid = self.validate()
+        valid, valid_wer = self.validate()
         self.save(f"epoch-{epoch}.pt", epoch, batch_idx_epoch)
         if a.debug_dump_batches is not None:
             torch.save(unwrap(self.model).state_dict(), f"{a.debug_dump_batches}.rank{ctx.rank}.pt")
         if ctx.is_main:
-            self._log_epoch(epoch, train, valid, train_time)
+            self._log_epoch(epoch, train, valid, valid_wer, train_time)
 
     def set_train_mode(self) -> None:
         # --debug-eval-mode (tests only): a deterministic forward (no dropout, layer skipping or
@@ -363,15 +367,29 @@ class Trainer:
                                 f"diverges in fp16; try --use-bf16 or a lower --base-lr")
 
     @torch.no_grad()
-    def validate(self) -> Metrics:
+    def validate(self) -> Tuple[Metrics, Dict[int, float]]:
+        """Dev losses (with the final loss weights) and, with --valid-wer, greedy dev WER at every exit.
+
+        The WER is computed on rank 0 only and stored in the metrics as per-exit error and word counts."""
         model = unwrap(self.model)
         model.eval()
         tot = Metrics()
         for batch in self.valid_dl:
-            _, info = self.compute_loss(model, batch, self.trained_exits, self.weights)
+            _, info = self.compute_loss(model, batch, self.trained_exits, self.weights, final_scales=True)
             tot.add(info)
+        wer = self.valid_wer(model) if self.args.valid_wer and self.ctx.is_main else {}
         self.set_train_mode()
-        return tot.all_reduce(self.device)
+        return tot.all_reduce(self.device), wer
+
+    def valid_wer(self, model: nn.Module) -> Dict[int, float]:
+        """Greedy WER (%) on the dev set at every exit: the measure that tells a blank plateau from learning."""
+        from splitformer.decoding.results import word_error_rate
+        from splitformer.decoding.runner import decode_all_exits
+
+        method = "greedy_search" if model.use_transducer else "ctc_greedy_search"
+        runs, _ = decode_all_exits(model, self.valid_dl, self.tokenizer, method, beam=1, device=self.device,
+                                   desc="dev WER")
+        return {e: word_error_rate(r.results)[0] for e, r in runs.items()}
 
     # ------------------------------------------------------------------ logging
     def _log_train(self, epoch: int, batch_idx_epoch: int, info: Dict[str, float], lr: float) -> None:
@@ -392,12 +410,13 @@ class Trainer:
     def _main_keys(self) -> List[str]:
         return ["loss"] + [f"exit{e}/loss" for e in self.trained_exits]
 
-    def _log_epoch(self, epoch: int, train: Metrics, valid: Metrics, train_time: float) -> None:
+    def _log_epoch(self, epoch: int, train: Metrics, valid: Metrics, wer: Dict[int, float], train_time: float) -> None:
         utt_s = train.sums.get("utterances", 0.0) / max(train_time, 1e-9)
         tr, va = train.per_frame(), valid.per_frame()
         exits = " ".join(f"exit{e}={va.get(f'exit{e}/loss', math.nan):.4f}" for e in self.trained_exits)
+        wers = (", valid WER " + " ".join(f"exit{e}={w:.1f}%" for e, w in sorted(wer.items()))) if wer else ""
         line = (f"epoch {epoch}: train loss {tr.get('loss', math.nan):.4f}, valid loss {va.get('loss', math.nan):.4f} "
-                f"(per exit: {exits}), lr {self.current_lr():.3g}, {train_time:.1f} s, {utt_s:.1f} utt/s, "
+                f"(per exit: {exits}){wers}, lr {self.current_lr():.3g}, {train_time:.1f} s, {utt_s:.1f} utt/s, "
                 f"bad batches {self.guard.count}, batch_idx_train {self.batch_idx_train}")
         logging.info(line)
         with open(self.exp_dir / "log" / "epochs.txt", "a") as f:
@@ -405,6 +424,8 @@ class Trainer:
         if self.tb is not None:
             for k, v in va.items():
                 self.tb.add_scalar(f"valid/{k}", v, self.batch_idx_train)
+            for e, w in wer.items():
+                self.tb.add_scalar(f"valid/exit{e}/wer", w, self.batch_idx_train)
             self.tb.add_scalar("train/epoch_loss", tr.get("loss", math.nan), self.batch_idx_train)
             self.tb.add_scalar("train/utt_per_s", utt_s, self.batch_idx_train)
             self.tb.flush()

@@ -40,6 +40,16 @@ def train_cuts(dm, tokenizer):
     return dm.filter_cuts(dm.train_cuts(), tokenizer, subsampled_length=lambda t: encoder_output_frames(dm.args, t))
 
 
+def set_feature_stats(model: nn.Module, dm) -> None:
+    """Give the model's FeatureNorm the training set's statistics (a no-op with --feature-norm none)."""
+    if getattr(model, "feature_norm", None) is None:
+        return
+    from splitformer.data.normalization import global_feature_stats
+
+    mean, std = global_feature_stats(dm.train_cuts())
+    model.feature_norm.set_stats(mean, std)
+
+
 def train_loader(dm, cuts, world_size: int, rank: int, seed: int):
     return dm.train_dataloader(cuts, sampler_state_dict=None, world_size=world_size, rank=rank, seed=seed)
 
