@@ -5,8 +5,13 @@ Splitformer): a markdown table and plots of WER against exit layer and against e
     ./splitformer/compare.py exp/zipformer-cpu exp/ee-zipformer-cpu exp/splitformer-cpu --out exp/report
 
 Reads ``<exp-dir>/<decoding-method>/results-<set>.json`` as decode.py writes them and writes
-``<out>/report.md``, ``<out>/results.tsv`` and ``<out>/wer-<set>.png`` (one per test set).
-When several runs decoded the same experiment, set, method and exit, the newest one counts.
+``<out>/report.md``, ``<out>/results.tsv``, ``<out>/results.json`` and ``<out>/wer-<set>.png`` (one per
+test set). When several runs decoded the same experiment, set, method and exit, the newest one counts.
+
+Seeds: directories given the same display name (``--names``) are seeds of one system; its WER is the
+mean over seeds. Every WER gets a 95 % bootstrap interval that resamples utterances (and, with several
+seeds, seeds), and every pair of systems is compared at each exit they share with a paired bootstrap of
+the difference: a difference whose interval holds 0 is marked as inside the noise.
 """
 import argparse
 import json
@@ -24,8 +29,97 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exp_dirs", nargs="+", type=Path, help="experiment directories decoded with decode.py")
     p.add_argument("--out", type=Path, default=Path("exp/report"))
-    p.add_argument("--names", type=str, default=None, help="comma list of display names (default: directory names)")
+    p.add_argument("--names", type=str, default=None,
+                   help="comma list of display names (default: directory names); a name given to several "
+                        "directories makes them seeds of one system")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
+    p.add_argument("--wall-seconds", type=float, default=None,
+                   help="wall time of the job that produced the results, stored in results.json")
     return p
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def _error_table(seed_runs: Sequence[Dict], utts: Sequence[str]):
+    """(seeds, utterances) arrays of word errors and reference words, in the order of ``utts``."""
+    import numpy as np
+
+    errs = np.array([[r["utt_errors"][u][0] for u in utts] for r in seed_runs], dtype=np.float64)
+    refs = np.array([[r["utt_errors"][u][1] for u in utts] for r in seed_runs], dtype=np.float64)
+    return errs, refs
+
+
+def _draws(n_seeds: int, n_utts: int, draws: int, seed: int = 0):
+    """Bootstrap index draws: seeds (only resampled when there are several) and utterances."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, n_seeds, size=(draws, n_seeds)) if n_seeds > 1 else np.zeros((draws, 1), dtype=int)
+    u_idx = rng.integers(0, n_utts, size=(draws, n_utts))
+    return s_idx, u_idx
+
+
+def _boot_wer(errs, refs, s_idx, u_idx):
+    """WER (%) of each bootstrap draw: mean over the drawn seeds of corpus WER on the drawn utterances."""
+    import numpy as np
+
+    e = errs[:, u_idx].sum(axis=2)  # (seeds, draws)
+    r = refs[:, u_idx].sum(axis=2)
+    per_seed = 100.0 * e / np.maximum(r, 1.0)
+    return np.take_along_axis(per_seed.T, s_idx, axis=1).mean(axis=1)
+
+
+def common_utts(runs: Sequence[Dict]) -> Optional[List[str]]:
+    """Utterance ids that every run scored (None if a run has no per-utterance errors: old results)."""
+    if not runs or any("utt_errors" not in r for r in runs):
+        return None
+    ids = set(runs[0]["utt_errors"])
+    for r in runs[1:]:
+        ids &= set(r["utt_errors"])
+    return sorted(ids)
+
+
+def wer_interval(seed_runs: Sequence[Dict], draws: int = 1000) -> Optional[Tuple[float, float]]:
+    """95 % bootstrap interval of a system's mean WER over utterances (and seeds)."""
+    import numpy as np
+
+    utts = common_utts(seed_runs)
+    if not utts or draws <= 0:
+        return None
+    errs, refs = _error_table(seed_runs, utts)
+    s_idx, u_idx = _draws(len(seed_runs), len(utts), draws)
+    lo, hi = np.percentile(_boot_wer(errs, refs, s_idx, u_idx), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def difference_interval(a: Sequence[Dict], b: Sequence[Dict], draws: int = 1000) -> Optional[Tuple[float, float, float]]:
+    """(mean WER of a - b, 95 % low, high) by a paired bootstrap over the utterances both scored."""
+    import numpy as np
+
+    utts = common_utts(list(a) + list(b))
+    if not utts or draws <= 0:
+        return None
+    ea, ra = _error_table(a, utts)
+    eb, rb = _error_table(b, utts)
+    sa, u_idx = _draws(len(a), len(utts), draws, seed=1)
+    sb, _ = _draws(len(b), len(utts), draws, seed=2)
+    diff = _boot_wer(ea, ra, sa, u_idx) - _boot_wer(eb, rb, sb, u_idx)
+    point = float(np.mean([_corpus_wer(r, utts) for r in a]) - np.mean([_corpus_wer(r, utts) for r in b]))
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def _corpus_wer(run: Dict, utts: Sequence[str]) -> float:
+    e = sum(run["utt_errors"][u][0] for u in utts)
+    r = sum(run["utt_errors"][u][1] for u in utts)
+    return 100.0 * e / max(r, 1)
+
+
+def group_seeds(fixed: Dict[Tuple, Dict]) -> Dict[Tuple, List[Dict]]:
+    """(system, set, method, exit) -> the runs of its seeds (experiments of one display name)."""
+    out: Dict[Tuple, List[Dict]] = defaultdict(list)
+    for (exp, ts, method, layer, _), r in sorted(fixed.items()):
+        out[(exp, ts, method, layer)].append(r)
+    return out
 
 
 def load_runs(exp_dir: Path, name: str) -> List[Dict]:
@@ -37,17 +131,17 @@ def load_runs(exp_dir: Path, name: str) -> List[Dict]:
         except json.JSONDecodeError as e:
             raise SystemExit(f"compare.py: error: {path} is not valid JSON ({e}); re-run decode.py") from None
         for run in data.get("runs", {}).values():
-            runs.append(dict(run, experiment=name))
+            runs.append(dict(run, experiment=name, source=str(exp_dir)))
     return runs
 
 
 def latest_fixed(runs: Sequence[Dict]) -> Dict[Tuple, Dict]:
-    """(experiment, set, method, exit) -> newest fixed-exit run."""
+    """(experiment, set, method, exit, source directory) -> newest fixed-exit run."""
     best: Dict[Tuple, Dict] = {}
     for r in runs:
         if r.get("kind") != "fixed":
             continue
-        key = (r["experiment"], r["test_set"], _method(r), r["exit_layer"])
+        key = (r["experiment"], r["test_set"], _method(r), r["exit_layer"], r.get("source", r["experiment"]))
         if key not in best or r.get("written", 0) >= best[key].get("written", 0):
             best[key] = r
     return best
@@ -62,19 +156,72 @@ def _num(x: Optional[float], fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def markdown(runs: Sequence[Dict]) -> List[str]:
-    fixed = latest_fixed(runs)
-    lines = ["# Results", ""]
-    sets = sorted({k[1] for k in fixed} | {r["test_set"] for r in runs if "test_set" in r})
+def summarize(runs: Sequence[Dict], draws: int = 1000) -> Dict[Tuple, Dict]:
+    """(system, set, method, exit) -> mean WER over seeds, its 95 % interval, per-seed WERs and costs."""
+    import numpy as np
+
+    out: Dict[Tuple, Dict] = {}
+    for key, seed_runs in group_seeds(latest_fixed(runs)).items():
+        first = seed_runs[0]
+        out[key] = dict(
+            wer=float(np.mean([r["wer"] for r in seed_runs])),
+            wer_per_seed=[r["wer"] for r in seed_runs],
+            ci95=wer_interval(seed_runs, draws),
+            seeds=len(seed_runs),
+            runs=seed_runs,
+            macs_per_second=first.get("macs_per_second"),
+            rtf_encoder=float(np.mean([r.get("rtf_encoder", math.nan) for r in seed_runs])),
+            rtf_decode=float(np.mean([r.get("rtf_decode", math.nan) for r in seed_runs])),
+            params=first.get("params", 0),
+        )
+    return out
+
+
+def differences(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
+    """Every pair of systems at every (set, method, exit) they share: the WER difference and its interval."""
+    by_point: Dict[Tuple, List[str]] = defaultdict(list)
+    for (exp, ts, method, layer) in summary:
+        by_point[(ts, method, layer)].append(exp)
+    out = []
+    for (ts, method, layer), exps in sorted(by_point.items()):
+        for i, a in enumerate(exps):
+            for b in exps[i + 1:]:
+                d = difference_interval(summary[(a, ts, method, layer)]["runs"], summary[(b, ts, method, layer)]["runs"], draws)
+                if d is None:
+                    continue
+                out.append(dict(test_set=ts, method=method, exit_layer=layer, a=a, b=b, diff=d[0], ci95=[d[1], d[2]],
+                                significant=not (d[1] <= 0.0 <= d[2])))
+    return out
+
+
+def _ci(ci: Optional[Sequence[float]]) -> str:
+    return "-" if not ci else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[Dict]) -> List[str]:
+    lines = ["# Results", "",
+             "WER is the mean over seeds; the interval is a 95 % bootstrap over utterances (and seeds).", ""]
+    sets = sorted({k[1] for k in summary} | {r["test_set"] for r in runs if "test_set" in r})
     for s in sets:
-        lines += [f"## {s}", "", "| experiment | method | exit layer | WER % | RTF encoder | RTF decode | encoder MMACs/s | params (M) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for (exp, ts, method, layer), r in sorted(fixed.items()):
+        lines += [f"## {s}", "", "| experiment | method | exit layer | WER % | 95 % interval | seeds | RTF encoder | RTF decode | "
+                  "encoder MMACs/s | params (M) |",
+                  "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for (exp, ts, method, layer), r in sorted(summary.items()):
             if ts != s:
                 continue
-            lines.append(f"| {exp} | {method} | {layer} | {r['wer']:.2f} | {_num(r.get('rtf_encoder'), '.4f')} | "
-                         f"{_num(r.get('rtf_decode'), '.4f')} | {_num(_mmacs(r.get('macs_per_second')), '.1f')} | "
-                         f"{r.get('params', 0) / 1e6:.2f} |")
+            lines.append(f"| {exp} | {method} | {layer} | {r['wer']:.2f} | {_ci(r['ci95'])} | {r['seeds']} | "
+                         f"{_num(r['rtf_encoder'], '.4f')} | {_num(r['rtf_decode'], '.4f')} | "
+                         f"{_num(_mmacs(r['macs_per_second']), '.1f')} | {r['params'] / 1e6:.2f} |")
+        ds = [d for d in diffs if d["test_set"] == s]
+        if ds:
+            lines += ["", "Differences at equal exit layer (A - B, paired bootstrap; *inside the noise* when the "
+                      "interval holds 0):", "",
+                      "| method | exit layer | A | B | WER A - B | 95 % interval | verdict |",
+                      "| --- | ---: | --- | --- | ---: | --- | --- |"]
+            for d in ds:
+                verdict = ("A better" if d["diff"] < 0 else "B better") if d["significant"] else "inside the noise"
+                lines.append(f"| {d['method']} | {d['exit_layer']} | {d['a']} | {d['b']} | {d['diff']:+.2f} | "
+                             f"{_ci(d['ci95'])} | {verdict} |")
         dyn = [r for r in runs if r.get("kind") == "dynamic" and r["test_set"] == s]
         if dyn:
             lines += ["", "Dynamic exits (one exit per utterance):", "",
@@ -93,28 +240,42 @@ def markdown(runs: Sequence[Dict]) -> List[str]:
     return lines
 
 
+def results_json(summary: Dict[Tuple, Dict], diffs: Sequence[Dict], wall_seconds: Optional[float]) -> Dict:
+    """The machine-readable results: models -> test set -> exit layer -> WER, interval, compute."""
+    models: Dict[str, Dict] = defaultdict(lambda: defaultdict(dict))
+    for (exp, ts, method, layer), r in sorted(summary.items()):
+        key = ts if len({k[2] for k in summary if k[0] == exp and k[1] == ts}) == 1 else f"{ts}/{method}"
+        models[exp][key][str(layer)] = dict(wer=r["wer"], ci95=list(r["ci95"]) if r["ci95"] else None,
+                                            macs_per_second=r["macs_per_second"], seeds=r["seeds"],
+                                            wer_per_seed=r["wer_per_seed"], method=method)
+    return {"wall_seconds": wall_seconds, "models": {m: dict(v) for m, v in models.items()}, "differences": list(diffs)}
+
+
 def _mmacs(x: Optional[float]) -> Optional[float]:
     return None if x is None else x / 1e6
 
 
-def plot(runs: Sequence[Dict], test_set: str, path: Path) -> None:
+def plot(runs: Sequence[Dict], summary: Dict[Tuple, Dict], test_set: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = latest_fixed(runs)
     series: Dict[Tuple[str, str], List[Dict]] = defaultdict(list)
-    for (exp, ts, method, _), r in fixed.items():
+    for (exp, ts, method, layer), r in summary.items():
         if ts == test_set:
-            series[(exp, method)].append(r)
+            series[(exp, method)].append(dict(r, exit_layer=layer))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (exp, method), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["exit_layer"])
         label = f"{exp} / {method}"
-        ax1.plot([r["exit_layer"] for r in rs], [r["wer"] for r in rs], marker="o", label=label)
+        wer = [r["wer"] for r in rs]
+        err = None
+        if all(r["ci95"] for r in rs):  # asymmetric error bars from the bootstrap interval
+            err = [[w - r["ci95"][0] for w, r in zip(wer, rs)], [r["ci95"][1] - w for w, r in zip(wer, rs)]]
+        ax1.errorbar([r["exit_layer"] for r in rs], wer, yerr=err, marker="o", capsize=3, label=label)
         if all(r.get("macs_per_second") for r in rs):
-            ax2.plot([r["macs_per_second"] / 1e6 for r in rs], [r["wer"] for r in rs], marker="o", label=label)
+            ax2.errorbar([r["macs_per_second"] / 1e6 for r in rs], wer, yerr=err, marker="o", capsize=3, label=label)
     for r in runs:
         if r.get("kind") == "dynamic-sweep" and r["test_set"] == test_set:
             for strategy, rows in sorted(r["curves"].items()):
@@ -141,11 +302,13 @@ def plot(runs: Sequence[Dict], test_set: str, path: Path) -> None:
     plt.close(fig)
 
 
-def tsv(runs: Sequence[Dict]) -> List[str]:
-    out = ["experiment\ttest_set\tmethod\texit_layer\twer\trtf_encoder\trtf_decode\tmacs_per_second\tparams"]
-    for (exp, ts, method, layer), r in sorted(latest_fixed(runs).items()):
-        out.append(f"{exp}\t{ts}\t{method}\t{layer}\t{r['wer']:.4f}\t{r.get('rtf_encoder')}\t{r.get('rtf_decode')}\t"
-                   f"{r.get('macs_per_second')}\t{r.get('params')}")
+def tsv(summary: Dict[Tuple, Dict]) -> List[str]:
+    out = ["experiment\ttest_set\tmethod\texit_layer\twer\tci95_low\tci95_high\tseeds\trtf_encoder\trtf_decode\t"
+           "macs_per_second\tparams"]
+    for (exp, ts, method, layer), r in sorted(summary.items()):
+        lo, hi = r["ci95"] or (None, None)
+        out.append(f"{exp}\t{ts}\t{method}\t{layer}\t{r['wer']:.4f}\t{lo}\t{hi}\t{r['seeds']}\t{r['rtf_encoder']}\t"
+                   f"{r['rtf_decode']}\t{r['macs_per_second']}\t{r['params']}")
     return out
 
 
@@ -168,10 +331,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("compare.py: error: no results to compare", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text("\n".join(markdown(runs)) + "\n")
-    (args.out / "results.tsv").write_text("\n".join(tsv(runs)) + "\n")
+    summary = summarize(runs, args.bootstrap)
+    diffs = differences(summary, args.bootstrap)
+    (args.out / "report.md").write_text("\n".join(markdown(runs, summary, diffs)) + "\n")
+    (args.out / "results.tsv").write_text("\n".join(tsv(summary)) + "\n")
+    (args.out / "results.json").write_text(json.dumps(results_json(summary, diffs, args.wall_seconds), indent=1) + "\n")
     for s in sorted({r["test_set"] for r in runs}):
-        plot(runs, s, args.out / f"wer-{s}.png")
+        plot(runs, summary, s, args.out / f"wer-{s}.png")
     print(f"wrote {args.out / 'report.md'}")
     return 0
 

@@ -28,7 +28,8 @@ import torch
 
 from splitformer.decoding.exits import STRATEGIES, parse_threshold, simulate, sweep_thresholds
 from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args, load_checkpoint_file
-from splitformer.decoding.results import update_results_json, word_error_rate, write_error_stats, write_recogs
+from splitformer.decoding.results import (update_results_json, utterance_errors, word_error_rate, write_error_stats,
+                                         write_recogs)
 from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit
 from splitformer.decoding.search import CTC_METHODS, METHODS
 
@@ -136,7 +137,8 @@ def _write_exit(out_dir: Path, test_set: str, tag: str, results, enc_s: float, d
         tag=tag, test_set=test_set, wer=wer, num_errors=counts["ins"] + counts["dels"] + counts["sub"],
         ins=counts["ins"], dels=counts["dels"], sub=counts["sub"], ref_words=counts["ref"], num_utts=len(results),
         audio_seconds=audio_s, rtf_encoder=enc_s / audio_s if audio_s else math.nan,
-        rtf_decode=dec_s / audio_s if audio_s else math.nan, macs_per_second=macs, **extra,
+        rtf_decode=dec_s / audio_s if audio_s else math.nan, macs_per_second=macs,
+        utt_errors=utterance_errors(results), **extra,
     )
     with open(out_dir / f"wer-summary-{test_set}-{tag}.txt", "w") as f:
         f.write("settings\tWER\tRTF-encoder\tRTF-decode\tencoder-MACs-per-s\n")

@@ -40,13 +40,56 @@ def test_report_table_and_plots(tmp_path):
     assert "| splitformer | greedy_search | 2 | 48.00 |" in dev
     assert "| splitformer | greedy_search | 2 | 50.00 |" not in dev
     assert "| splitformer | greedy_search | 2 | 50.00 |" in test
-    assert "| zipformer | greedy_search | 12 | 20.00 | 0.1200 | 0.1440 | 12.0 | 5.00 |" in md
+    assert "| zipformer | greedy_search | 12 | 20.00 | - | 1 | 0.1200 | 0.1440 | 12.0 | 5.00 |" in md
     assert "entropy: 20.0 @ 12.0 / 12.0, 50.0 @ 2.0 / 2.0" in md
     rows = (out / "results.tsv").read_text().splitlines()
     assert len(rows) == 1 + 2 * (1 + 6 + 6)
     for s in ("dev", "test"):
         png = (out / f"wer-{s}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def _seed_exp(root: Path, name: str, errors, ref_len: int = 10, exit_layer: int = 12):
+    """One seed of a system: per-utterance word errors as decode.py records them."""
+    d = root / name / "greedy_search"
+    d.mkdir(parents=True)
+    utt = {f"u{i}": [e, ref_len] for i, e in enumerate(errors)}
+    wer = 100.0 * sum(errors) / (ref_len * len(errors))
+    update_results_json(d / "results-test.json", dict(
+        tag=f"exit-{exit_layer}", test_set="test", kind="fixed", exit_layer=exit_layer, wer=wer, utt_errors=utt,
+        macs_per_second=1e6, params=1e6, method="greedy_search", beam=4))
+    return root / name
+
+
+def test_seeds_intervals_and_differences(tmp_path):
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    good = [_seed_exp(tmp_path, f"good{s}", rng.binomial(10, 0.1, 200).tolist()) for s in range(3)]
+    bad = [_seed_exp(tmp_path, f"bad{s}", rng.binomial(10, 0.3, 200).tolist()) for s in range(3)]
+    twin = _seed_exp(tmp_path, "twin", rng.binomial(10, 0.1, 200).tolist())
+    out = tmp_path / "report"
+    dirs = [str(d) for d in good + bad + [twin]]
+    names = ",".join(["good"] * 3 + ["bad"] * 3 + ["twin"])
+    assert compare_main(dirs + ["--names", names, "--out", str(out), "--wall-seconds", "12.5"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["wall_seconds"] == 12.5
+    g, b = res["models"]["good"]["test"]["12"], res["models"]["bad"]["test"]["12"]
+    assert g["seeds"] == 3 and len(g["wer_per_seed"]) == 3
+    assert abs(g["wer"] - np.mean(g["wer_per_seed"])) < 1e-9
+    for r in (g, b):  # the interval holds the estimate and has a plausible width for 2000 words
+        lo, hi = r["ci95"]
+        assert lo < r["wer"] < hi and 0.5 < hi - lo < 8.0
+    assert b["ci95"][0] > g["ci95"][1]
+    diffs = {(d["a"], d["b"]): d for d in res["differences"]}
+    gb = diffs.get(("bad", "good")) or diffs[("good", "bad")]
+    assert gb["significant"]
+    gt = diffs.get(("good", "twin")) or diffs[("twin", "good")]
+    assert not gt["significant"] and gt["ci95"][0] < 0 < gt["ci95"][1]
+    md = (out / "report.md").read_text()
+    assert "inside the noise" in md and "| good | greedy_search | 12 |" in md
 
 
 def test_no_results_is_an_error(tmp_path):

@@ -32,6 +32,15 @@ def word_error_rate(results: Sequence[Result]) -> Tuple[float, Dict[str, int]]:
     return (100.0 * errs / counts["ref"] if counts["ref"] else 0.0), dict(counts)
 
 
+def utterance_errors(results: Sequence[Result]) -> Dict[str, List[int]]:
+    """cut id -> [word errors, reference words]: what a bootstrap over utterances resamples."""
+    out: Dict[str, List[int]] = {}
+    for cut_id, ref, hyp in results:
+        d = kaldialign.edit_distance(ref, hyp)
+        out[cut_id] = [int(d["ins"] + d["del"] + d["sub"]), len(ref)]
+    return out
+
+
 def write_error_stats(path: Path, test_set: str, results: Sequence[Result]) -> float:
     """Writes the per-utterance alignments and the most frequent errors; returns the WER (%).
 
