@@ -14,12 +14,13 @@ PYTHON=${PYTHON:-python3}
 
 # defaults (every one can be given as --name value; dataset comes from the recipe or --dataset)
 stage=0
-stop_stage=5
+stop_stage=6
 corpus_dir=""
 data_dir=data
 download_dir=download
 num_jobs=$(nproc 2>/dev/null || echo 2); [ "$num_jobs" -gt 8 ] && num_jobs=8
 speed_perturb=false
+variants=false
 vocab_size=""
 
 usage() {
@@ -33,8 +34,11 @@ Usage: $0 [options]
   --stop-stage N       last stage to run (default: ${stop_stage})
   --num-jobs N         threads for audio checks, processes for fbank of splits over 2000 cuts (default: ${num_jobs})
   --speed-perturb BOOL add 0.9x/1.1x copies of the training cuts (default: ${speed_perturb})
+  --variants BOOL      stage 6: narrowband (8 kHz and back) and silence-trimmed copies of the training and
+                       test splits, as <split>-narrowband and <split>-trimmed: test sets for decode.py,
+                       and augmentation for train.py --train-variants (default: ${variants})
   --vocab-size N       BPE pieces (default: the corpus's, see splitformer/data/recipes.py)
-Stages: 0 corpus, 1 manifests, 2 speed perturbation, 3 fbank, 4 BPE, 5 validation.
+Stages: 0 corpus, 1 manifests, 2 speed perturbation, 3 fbank, 4 BPE, 5 validation, 6 variants.
 EOF
 }
 
@@ -61,7 +65,7 @@ parse_options() {
       --*)
         local name="${1#--}"; name="${name//-/_}"
         case "$name" in
-          dataset|stage|stop_stage|corpus_dir|data_dir|download_dir|num_jobs|speed_perturb|vocab_size) ;;
+          dataset|stage|stop_stage|corpus_dir|data_dir|download_dir|num_jobs|speed_perturb|variants|vocab_size) ;;
           *) usage >&2; die "unknown option $1" ;;
         esac
         [ $# -ge 2 ] || die "option $1 needs a value"
@@ -70,6 +74,7 @@ parse_options() {
     esac
   done
   case "$speed_perturb" in true|false) ;; *) die "--speed-perturb must be true or false, not '$speed_perturb'" ;; esac
+  case "$variants" in true|false) ;; *) die "--variants must be true or false, not '$variants'" ;; esac
   [[ "$stage" =~ ^[0-9]+$ && "$stop_stage" =~ ^[0-9]+$ ]] || die "--stage/--stop-stage must be integers"
   [[ "$num_jobs" =~ ^[1-9][0-9]*$ ]] || die "--num-jobs must be a positive integer"
 }
@@ -81,6 +86,7 @@ import sys
 from splitformer.data.recipes import get_dataset
 d = get_dataset(sys.argv[1])
 print(' '.join(d.all_splits())); print(' '.join(d.train_splits)); print(d.default_vocab_size)
+print(' '.join(s for s in d.test_splits if s != d.dev_split))
 " "$dataset"
 }
 
@@ -118,6 +124,7 @@ run_stages() {
   splits=$(sed -n 1p <<<"$info")
   train_splits=$(sed -n 2p <<<"$info")
   vocab_size=${vocab_size:-$(sed -n 3p <<<"$info")}
+  test_only_splits=$(sed -n 4p <<<"$info")
   manifest_dir=$data_dir/manifests
   fbank_dir=$data_dir/fbank
   lang_dir=$data_dir/lang_bpe_${vocab_size}
@@ -207,6 +214,19 @@ run_stages() {
     "$PYTHON" "$_root/local/validate.py" --dataset "$dataset" --splits $splits \
       --fbank-dir "$fbank_dir" --data-dir "$data_dir"
     end_stage 5 "validated"
+  fi
+
+  # ---- stage 6: narrowband and trimmed variants of the training and test splits (optional) -------
+  if [ "$variants" = true ]; then
+    outs=(); for s in $train_splits $test_only_splits; do outs+=("$fbank_dir/${dataset}_cuts_${s}-narrowband.jsonl.gz" "$fbank_dir/${dataset}_cuts_${s}-trimmed.jsonl.gz"); done
+    if begin_stage 6 "narrowband and trimmed copies of [$train_splits $test_only_splits]" "variants" "${outs[@]}"; then
+      # shellcheck disable=SC2086
+      "$PYTHON" "$_root/local/make_variants.py" --dataset "$dataset" --splits $train_splits $test_only_splits \
+        --manifest-dir "$manifest_dir" --fbank-dir "$fbank_dir" --data-dir "$data_dir" --num-jobs "$num_jobs"
+      end_stage 6 "variants"
+    fi
+  elif [ 6 -ge "$stage" ] && [ 6 -le "$stop_stage" ]; then
+    log "Stage 6: variants: off (--variants false), skipping"
   fi
   log "done: $dataset in $data_dir"
 }

@@ -39,12 +39,16 @@ def _is_prepared(data: Path) -> bool:
             f"lang_bpe_{VOCAB_SIZE}/bpe.model",
             f"lang_bpe_{VOCAB_SIZE}/tokens.txt",
             ".done/an4.stage5",
+            ".done/an4.stage6",
+            "fbank/an4_cuts_train-narrowband.jsonl.gz",
+            "fbank/an4_cuts_test-trimmed.jsonl.gz",
         ]
     )
 
 
 def prepared_an4(tmp_root: Path, an4_dir: Optional[Path] = None) -> Path:
-    """Run `./prepare.sh --dataset an4` into `tmp_root/data` (once) and return that data dir."""
+    """Run `./prepare.sh --dataset an4 --variants true` (as run.sh does) into `tmp_root/data` (once) and
+    return that data dir."""
     override = os.environ.get("SPLITFORMER_AN4_DATA")
     if override and _is_prepared(Path(override)):
         return Path(override)
@@ -58,7 +62,7 @@ def prepared_an4(tmp_root: Path, an4_dir: Optional[Path] = None) -> Path:
             tmp_root.mkdir(parents=True, exist_ok=True)
             cmd = [
                 str(REPO / "prepare.sh"), "--dataset", "an4", "--corpus-dir", str(corpus),
-                "--data-dir", str(data), "--num-jobs", "1", "--vocab-size", str(VOCAB_SIZE),
+                "--data-dir", str(data), "--num-jobs", "1", "--vocab-size", str(VOCAB_SIZE), "--variants", "true",
             ]
             proc = subprocess.run(cmd, cwd=tmp_root, capture_output=True, text=True)
             (tmp_root / "prepare.log").write_text(proc.stdout + proc.stderr)

@@ -28,7 +28,7 @@ def test_stages_announced_then_skipped(an4_data, an4_dir):
     log = (an4_data.parent / "prepare.log")
     if log.is_file():  # absent when SPLITFORMER_AN4_DATA points at an existing preparation
         text = log.read_text()
-        for n in range(6):
+        for n in range(7):
             assert re.search(rf"Stage {n}: ", text), f"stage {n} not announced:\n{text}"
     proc = subprocess.run(
         [str(REPO / "prepare.sh"), "--corpus-dir", str(an4_dir), "--data-dir", str(an4_data),

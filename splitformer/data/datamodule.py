@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -79,6 +80,30 @@ class _WithSamplerState(torch.utils.data.Dataset):
         return batch
 
 
+class SwapVariants:
+    """Cut transform: with probability ``p`` a training cut is replaced by one of its prepared variants.
+
+    Variants (``./prepare.sh --variants true``: ``<split>-narrowband``, ``<split>-trimmed``) keep the
+    cut's id and transcript and carry their own features, so the swap costs nothing at load time. It draws
+    from ``random``, which the DataLoader seeds in each worker from the epoch's torch seed, like SpecAugment.
+    """
+
+    def __init__(self, variants: Dict[str, List[Any]], p: float) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"--variant-prob must be in [0, 1], got {p}")
+        self.variants = variants
+        self.p = p
+
+    def __call__(self, cuts: CutSet) -> CutSet:
+        out = []
+        for c in cuts:
+            choices = self.variants.get(c.id)
+            if choices and random.random() < self.p:
+                c = random.choice(choices)
+            out.append(c)
+        return CutSet.from_cuts(out)
+
+
 class AsrDataModule:
     """Cut loading, filtering and DataLoaders for one corpus under `--manifest-dir`."""
 
@@ -112,6 +137,11 @@ class AsrDataModule:
                        help="MUSAN cuts (with features unless --on-the-fly-feats) for --enable-musan")
         g.add_argument("--on-the-fly-feats", type=str2bool, default=False,
                        help="compute fbank from audio while loading instead of using the precomputed features")
+        g.add_argument("--train-variants", type=str, default="",
+                       help="comma list of prepared variants of the training split (narrowband, trimmed: "
+                            "./prepare.sh --variants true) that a training cut may be swapped for")
+        g.add_argument("--variant-prob", type=float, default=0.3,
+                       help="probability that a training cut is swapped for one of its --train-variants")
         g.add_argument("--max-cut-duration", type=float, default=20.0,
                        help="training cuts longer than this many seconds are left out")
 
@@ -133,6 +163,23 @@ class AsrDataModule:
         # looks like the whole training set (what the bucketing sampler's shuffle buffer sees)
         sizes = [sum(1 for _ in p) for p in parts]
         return CutSet.mux(*parts, weights=sizes)
+
+    def train_variants(self) -> Dict[str, List[Any]]:
+        """cut id -> its variants, from ``<dataset>_cuts_<train split>-<variant>.jsonl.gz``."""
+        names = [v.strip() for v in getattr(self.args, "train_variants", "").split(",") if v.strip()]
+        out: Dict[str, List[Any]] = {}
+        for v in names:
+            for split in self.info.train_splits:
+                path = Path(self.args.manifest_dir) / f"{self.info.name}_cuts_{split}-{v}.jsonl.gz"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} not found: --train-variants {v} needs "
+                                            f"./prepare.sh --dataset {self.info.name} --variants true")
+                for c in load_manifest_lazy(path):
+                    out.setdefault(c.id, []).append(c)
+        if out:
+            log.info("training variants %s for %d cuts, swapped in with probability %.2f", names, len(out),
+                     self.args.variant_prob)
+        return out
 
     def dev_cuts(self) -> CutSet:
         return self._load(self.info.dev_split)
@@ -222,6 +269,9 @@ class AsrDataModule:
     ) -> DataLoader:
         """Shuffled, augmented batches; `world_size`/`rank` shard the batches for DDP."""
         transforms: List[Callable] = []
+        variants = self.train_variants()
+        if variants:
+            transforms.append(SwapVariants(variants, self.args.variant_prob))
         if self.args.enable_musan:
             musan = Path(self.args.musan_cuts)
             if not musan.is_file():
