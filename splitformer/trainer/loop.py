@@ -370,7 +370,7 @@ class Trainer:
     def validate(self) -> Tuple[Metrics, Dict[int, float]]:
         """Dev losses (with the final loss weights) and, with --valid-wer, greedy dev WER at every exit.
 
-        The WER is computed on rank 0 only and stored in the metrics as per-exit error and word counts."""
+        The WER (exit layer -> %) is computed on rank 0 only; other ranks get an empty dict."""
         model = unwrap(self.model)
         model.eval()
         tot = Metrics()
@@ -387,9 +387,9 @@ class Trainer:
         from splitformer.decoding.runner import decode_all_exits
 
         method = "greedy_search" if model.use_transducer else "ctc_greedy_search"
-        runs, _ = decode_all_exits(model, self.valid_dl, self.tokenizer, method, beam=1, device=self.device,
-                                   desc="dev WER")
-        return {e: word_error_rate(r.results)[0] for e, r in runs.items()}
+        batches = ({**b, "inputs": b["inputs"].to(self.dtype)} for b in self.valid_dl)  # float64 under --debug-float64
+        runs, _ = decode_all_exits(model, batches, self.tokenizer, method, beam=1, device=self.device, desc="dev WER")
+        return {e: word_error_rate(r.results)[0] for e, r in runs.items() if e in self.trained_exits}
 
     # ------------------------------------------------------------------ logging
     def _log_train(self, epoch: int, batch_idx_epoch: int, info: Dict[str, float], lr: float) -> None:
