@@ -27,7 +27,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import torch
 
 from splitformer.decoding.exits import STRATEGIES, parse_threshold, simulate, sweep_thresholds
-from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args, load_checkpoint_file
+from splitformer.decoding.loading import (DecodeSetupError, averaged_state, build_and_load, checkpoint_args,
+                                         load_checkpoint_file, load_tokenizer)
 from splitformer.decoding.results import (update_results_json, utterance_errors, word_error_rate, write_error_stats,
                                          write_recogs)
 from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit
@@ -59,32 +60,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
-
-
-def load_tokenizer(path: Path):
-    if not Path(path).is_file():
-        raise DecodeSetupError(f"BPE model {path} does not exist; run ./prepare.sh or pass --bpe-model")
-    try:
-        from splitformer.data.tokenizer import Tokenizer
-    except ImportError:
-        Tokenizer = None
-    if Tokenizer is not None:
-        return Tokenizer(str(path))
-    import sentencepiece as spm
-
-    class _Sp:
-        def __init__(self, p):
-            self.sp = spm.SentencePieceProcessor(model_file=str(p))
-            self.vocab_size = self.sp.get_piece_size()
-            self.blank_id = 0
-
-        def decode(self, ids):
-            return self.sp.decode(list(ids))
-
-        def encode(self, texts):
-            return self.sp.encode(list(texts))
-
-    return _Sp(path)
 
 
 def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float):

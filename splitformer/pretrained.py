@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    from splitformer.decode import load_tokenizer
+    from splitformer.decoding.loading import load_tokenizer
 
     try:
         model = load_model(args.checkpoint, args.use_averaged_model)

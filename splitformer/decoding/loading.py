@@ -88,3 +88,12 @@ def build_and_load(args: argparse.Namespace, state: Dict[str, torch.Tensor], voc
     model.load_state_dict(state, strict=True)
     model.eval()
     return model
+
+
+def load_tokenizer(path: Path):
+    """The BPE tokenizer of ``path``, or an error that says how to make it (decode.py and pretrained.py)."""
+    if not Path(path).is_file():
+        raise DecodeSetupError(f"BPE model {path} does not exist; run ./prepare.sh or pass --bpe-model")
+    from splitformer.data.tokenizer import Tokenizer
+
+    return Tokenizer(str(path))
