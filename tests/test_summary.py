@@ -29,6 +29,25 @@ def test_published_parameter_counts(preset, vocab, published, tol):
     assert abs(n - published) / published <= tol, f"{preset}: {n} params, published {published:.0f}"
 
 
+def test_zipformer_lite_matches_the_early_exit_models_last_exit_in_compute():
+    """zipformer-cpu-lite exists to compare at equal MACs: within 5 % of ee-zipformer-cpu's top exit on
+    3 s utterances (AN4's mean length; attention makes the figure grow with length)."""
+    import torch
+
+    from splitformer.model.config import encoder_output_frames
+    from splitformer.summary import encoder_macs_per_second
+
+    ee = build_model(default_model_args(preset="ee-zipformer-cpu"), 30)
+    lite_args = default_model_args(preset="zipformer-cpu-lite")
+    lite = build_model(lite_args, 30)
+    ee_macs, lite_macs = encoder_macs_per_second(ee, seconds=3.0), encoder_macs_per_second(lite, seconds=3.0)
+    assert abs(lite_macs - ee_macs) / ee_macs < 0.05, (lite_macs, ee_macs)
+    # and at the same 25 Hz output rate, which the cut filter predicts without building the model
+    with torch.no_grad():
+        out, out_lens = lite.eval().encode(torch.randn(1, 203, 80), torch.tensor([203]))
+    assert out.shape[1] == out_lens.item() == encoder_output_frames(lite_args, 203) == (203 - 3) // 4
+
+
 def test_every_preset_builds():
     for name in PRESETS:
         assert params(name, 64) > 0

@@ -235,6 +235,21 @@ def test_output_lengths_and_frame_rate(t):
     assert enc.exits == [5] and enc.output_dims == [64]
 
 
+def test_output_downsampling_factor_one_keeps_the_frame_rate_and_padding():
+    """The zipformer-cpu-lite form: no x2 output average, so the output has the input's frames and
+    lengths, and a padded utterance gives what it gives alone."""
+    _, enc = _embed_and_encoder(output_downsampling_factor=1)
+    x = torch.randn(2, 31, 32)
+    lens = torch.tensor([31, 18])
+    with torch.no_grad():
+        [(out, out_lens)] = enc(x, lens)
+        [(alone, _)] = enc(x[1:, :18], lens[1:])
+    assert out.shape == (2, 31, 64) and out_lens.tolist() == [31, 18]
+    torch.testing.assert_close(out[1, :18], alone[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="output_downsampling_factor"):
+        Zipformer2(**dict(TINY, output_downsampling_factor=4))
+
+
 def test_padding_invariance_embed_and_encoder():
     embed, enc = _embed_and_encoder()
     lens = [157, 120, 63, 40]  # after the front end: 75, 56, 28, 16 (odd and even, not multiples of 4)

@@ -6,7 +6,7 @@ exit; ``decode`` adds the exit's heads and the search (data loading is not count
 """
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -58,7 +58,10 @@ def _words(tokenizer, hyps) -> List[List[str]]:
     return [tokenizer.decode(h.tokens).split() if h.tokens else [] for h in hyps]
 
 
-def _bar(loader: Iterable, desc: str):
+def _bar(loader: Iterable, desc: Optional[str]):
+    """A progress bar over the batches; ``desc=None`` turns it off (e.g. under ``--progress-bar false``)."""
+    if desc is None:
+        return loader
     return tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
@@ -81,7 +84,7 @@ def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: in
 
 @torch.no_grad()
 def decode_all_exits(
-    model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: str = "all exits"
+    model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: Optional[str] = "all exits"
 ) -> Tuple[Dict[int, ExitRun], List[UttTrace]]:
     """Runs the encoder once per batch up to the top, decoding every exit on the way.
 

@@ -63,6 +63,18 @@ _ZIPFORMER_CPU = dict(
     decoder_dim=256,
     joiner_dim=256,
 )
+# The same Zipformer at the compute of ee-zipformer-cpu's last exit (92M MACs per second of audio each on
+# 3 s utterances, AN4's mean, by splitformer/summary.py): the x4 Conv1d front end of the early-exit presets,
+# no x2 output averaging (so it too emits 25 frames a second), a milder 1,2,2,4,2,1 rate profile, 128 channels.
+_ZIPFORMER_CPU_LITE = dict(
+    _ZIPFORMER_CPU,
+    encoder_embed="conv1d",
+    output_downsampling_factor=1,
+    downsampling_factor="1,2,2,4,2,1",
+    encoder_dim="128,128,128,128,128,128",
+    encoder_unmasked_dim="96,96,96,96,96,96",
+    feedforward_dim="320,320,320,320,320,320",
+)
 
 # The papers' CTC-only Conformer early-exit baseline, as their code builds it.
 _EE_CONFORMER_PAPER = dict(
@@ -126,6 +138,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "zipformer-s": _ZIPFORMER_S,
     "zipformer-m": _ZIPFORMER_M,
     "zipformer-cpu": _ZIPFORMER_CPU,
+    "zipformer-cpu-lite": _ZIPFORMER_CPU_LITE,
     "ee-conformer-paper": _EE_CONFORMER_PAPER,
     "splitformer-paper": dict(_EE_CONFORMER_PAPER, **_SPLIT_PAPER),
     "ee-zipformer": _EE_ZIPFORMER,
@@ -151,6 +164,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-encoder-layers", type=str, default=_ZIPFORMER_M["num_encoder_layers"],
                    help="layers per stack (zipformer) or total layers (early-exit)")
     g.add_argument("--downsampling-factor", type=str, default=_ZIPFORMER_M["downsampling_factor"])
+    g.add_argument("--output-downsampling-factor", type=int, default=2, choices=[1, 2],
+                   help="zipformer: 2 averages output frames in pairs (icefall's, for the x2 conv2d front end); "
+                        "1 keeps the front end's rate (25 Hz with the x4 conv1d front end)")
     g.add_argument("--feedforward-dim", type=str, default=_ZIPFORMER_M["feedforward_dim"])
     g.add_argument("--num-heads", type=str, default=_ZIPFORMER_M["num_heads"])
     g.add_argument("--encoder-dim", type=str, default=_ZIPFORMER_M["encoder_dim"])
@@ -193,7 +209,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Flags that define the architecture; a checkpoint must agree on all of them.
 ARCH_KEYS: Tuple[str, ...] = (
-    "encoder", "encoder_embed", "feature_norm", "conv1d_activation", "num_encoder_layers", "downsampling_factor", "feedforward_dim", "num_heads",
+    "encoder", "encoder_embed", "feature_norm", "conv1d_activation", "num_encoder_layers", "downsampling_factor", "output_downsampling_factor", "feedforward_dim", "num_heads",
     "encoder_dim", "encoder_unmasked_dim", "cnn_module_kernel", "query_head_dim", "value_head_dim", "pos_head_dim",
     "pos_dim", "use_balancers", "use_whiten", "layer_type", "pos_encoding", "input_downsample", "exit_layers",
     "split_blocks", "split_downsampling_factor", "split_num_layers", "split_downsample", "split_combine",
@@ -260,7 +276,10 @@ def encoder_output_frames(args: argparse.Namespace, num_frames: int) -> int:
         t = (num_frames - 3) // 4
     else:
         t = (num_frames - 7) // 2
-    downsample = 2 if args.encoder == "zipformer" else int(args.input_downsample)
+    if args.encoder == "zipformer":
+        downsample = int(getattr(args, "output_downsampling_factor", 2))
+    else:
+        downsample = int(args.input_downsample)
     return (t + downsample - 1) // downsample if t > 0 else t
 
 
@@ -279,7 +298,7 @@ def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
 
         encoder_dim = to_int_tuple(args.encoder_dim)
         enc = Zipformer2(
-            output_downsampling_factor=2,
+            output_downsampling_factor=getattr(args, "output_downsampling_factor", 2),
             downsampling_factor=to_int_tuple(args.downsampling_factor),
             num_encoder_layers=to_int_tuple(args.num_encoder_layers),
             encoder_dim=encoder_dim,

@@ -532,7 +532,7 @@ class Zipformer2(nn.Module):
     """The Zipformer2 encoder, batch-first, following the encoder contract of docs/DESIGN.md.
 
     ``forward(x (B, T, encoder_dim[0]), x_lens, max_exit=None) -> [(out (B, (T+1)//2, max(encoder_dim)),
-    out_lens)]``. Per-stack arguments take an int (same for all stacks) or one value per stack; their
+    out_lens)]`` (``(B, T, ...)`` with ``output_downsampling_factor=1``). Per-stack arguments take an int (same for all stacks) or one value per stack; their
     number of stacks is ``len(downsampling_factor)``. ``feature_mask_dropout_prob``: in training, on this
     fraction of sequences the channels above ``encoder_unmasked_dim`` are zeroed (twice as often for the
     top half of them), which trains the narrow part of every stack to work on its own.
@@ -551,8 +551,8 @@ class Zipformer2(nn.Module):
                  feature_mask_dropout_prob: float = 0.125, use_balancers: bool = False,
                  use_whiten: bool = False):
         super().__init__()
-        if output_downsampling_factor != 2:
-            raise ValueError("Zipformer2 supports output_downsampling_factor=2 only (lengths are (T+1)//2)")
+        if output_downsampling_factor not in (1, 2):
+            raise ValueError(f"Zipformer2 supports output_downsampling_factor 1 or 2, not {output_downsampling_factor}")
         self.downsampling_factor = tuple(int(d) for d in downsampling_factor)
         n = len(self.downsampling_factor)
         self.encoder_dim = _to_tuple(encoder_dim, n, "encoder_dim")
@@ -588,7 +588,9 @@ class Zipformer2(nn.Module):
                 stack = DownsampledZipformer2Encoder(stack, self.encoder_dim[i], self.downsampling_factor[i])
             stacks.append(stack)
         self.encoders = nn.ModuleList(stacks)
-        self.downsample_output = SimpleDownsample(output_downsampling_factor)
+        # 2: icefall's x2 average of the output (50 -> 25 Hz after Conv2dSubsampling); 1: the output keeps
+        # the input's frame rate (25 Hz after the x4 Conv1dSubsampling).
+        self.downsample_output = SimpleDownsample(2) if output_downsampling_factor == 2 else None
         self.exits: List[int] = [sum(self.num_encoder_layers)]
         self.output_dims: List[int] = [max(self.encoder_dim)]
 
@@ -638,6 +640,8 @@ class Zipformer2(nn.Module):
                 x = stack(x, feature_mask=feature_masks[i], src_key_padding_mask=pad_mask)
             outputs.append(x)
         x = self._full_dim_output(outputs)
+        if self.downsample_output is None:
+            return [(x.transpose(0, 1), x_lens)]
         x = self.downsample_output(x, x_lens)
         out_lens = torch.div(x_lens + 1, 2, rounding_mode="floor")
         return [(x.transpose(0, 1), out_lens)]

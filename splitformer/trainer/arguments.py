@@ -48,6 +48,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                   "Zipformer's random module skipping (which changes the graph from batch to batch).")
     add_flag(g, "--device", type=str, default="auto",
              help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda or cuda:N.")
+    add_flag(g, "--num-threads", type=int, default=0,
+             help="CPU threads of each process; 0: torch's default (the cores, shared out among DDP ranks). "
+                  "1 lets two CPU runs share a 2-core machine without fighting over both cores.")
     # speed
     add_flag(g, "--use-fp16", type=str2bool, default=False, help="fp16 autocast + GradScaler (CUDA only).")
     add_flag(g, "--use-bf16", type=str2bool, default=False, help="bf16 autocast (no scaler needed).")

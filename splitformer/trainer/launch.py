@@ -47,7 +47,9 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace, local_rank: Op
     ctx = setup(rank, world_size, rank if local_rank is None else local_rank, args.device,
                 args.master_port if spawned else None)
     try:
-        if ctx.distributed and ctx.device.type == "cpu":
+        if getattr(args, "num_threads", 0) > 0:
+            torch.set_num_threads(args.num_threads)
+        elif ctx.distributed and ctx.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         setup_logging(Path(args.exp_dir), rank, world_size)
         if rank == 0:
