@@ -26,7 +26,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import torch
 
-from splitformer.decoding.exits import STRATEGIES, parse_threshold, simulate, sweep_thresholds
+from splitformer.decoding.exits import SCORED, STRATEGIES, parse_threshold, simulate, sweep_thresholds
 from splitformer.decoding.loading import (DecodeSetupError, averaged_state, build_and_load, checkpoint_args,
                                          load_checkpoint_file, load_tokenizer)
 from splitformer.decoding.results import (update_results_json, utterance_errors, word_error_rate, write_error_stats,
@@ -48,10 +48,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding-method", type=str, default="greedy_search", choices=METHODS)
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--exit-strategy", type=str, default="fixed", choices=STRATEGIES,
-                   help="entropy/confidence: climb the exits and stop at the first confident one (per utterance)")
+                   help="entropy/confidence/posterior: climb the exits and stop at the first confident one (per utterance)")
     p.add_argument("--exit-threshold", type=str, default=None,
                    help="entropy: exit when mean frame entropy (nats) < T; confidence: exit when mean max posterior > T; "
-                        "'sweep': simulate many thresholds for both criteria from one pass over all exits")
+                        "posterior: exit when the best of the N-best has posterior > T (paper 1's); "
+                        "'sweep': simulate many thresholds for every criterion from one pass over all exits")
+    p.add_argument("--exit-nbest", type=int, default=4,
+                   help="N of the CTC prefix beam whose scores the posterior criterion normalises over")
     p.add_argument("--dataset", type=str, default="an4", help="recipe name in splitformer.data.recipes.DATASETS")
     p.add_argument("--test-sets", type=str, default=None, help="comma list; default: the recipe's test sets")
     p.add_argument("--manifest-dir", type=Path, default=Path("data/fbank"))
@@ -159,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     if dynamic and args.exit_layer is not None:
         raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} chooses the exit per utterance; drop --exit-layer")
     if args.exit_threshold is not None and not sweep and not dynamic:
-        raise DecodeSetupError("--exit-threshold needs --exit-strategy entropy|confidence (or use --exit-threshold sweep)")
+        raise DecodeSetupError("--exit-threshold needs --exit-strategy entropy|confidence|posterior (or use --exit-threshold sweep)")
     if dynamic and not sweep:
         if args.exit_threshold is None:
             raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs --exit-threshold T (or 'sweep')")
@@ -198,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         json_path = out_dir / f"results-{test_set}.json"
         if sweep or args.exit_layer == "all":
             runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
-                                            desc=f"{test_set} all exits")
+                                            desc=f"{test_set} all exits", nbest=args.exit_nbest)
             rows = []
             for e, run in runs.items():
                 tag = run_tag(args, str(e))
@@ -219,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
                 _write_sweep(out_dir, test_set, args, traces, exits, macs, json_path, common)
         elif dynamic:
             run = decode_dynamic(model, loader, tokenizer, args.exit_strategy, threshold, args.decoding_method,
-                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}")
+                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}", nbest=args.exit_nbest)
             tag = run_tag(args, f"{args.exit_strategy}-{args.exit_threshold}")
             used = sum(macs[e] * d for e, d in zip(run.exit_layers, run.durations))
             mean_macs = used / audio_s if audio_s else 0.0
@@ -248,12 +251,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _write_sweep(out_dir: Path, test_set: str, args, traces, exits, macs, json_path: Path, common: Dict) -> None:
-    """WER against mean compute for both criteria, simulated exactly from the all-exit pass."""
+    """WER against mean compute for every criterion, simulated exactly from the all-exit pass."""
     per_exit_macs = [macs[e] for e in exits]
     tag = run_tag(args, "sweep")
     curves: Dict[str, List[Dict]] = {}
     lines = ["strategy\tthreshold\tWER\tmean_exit_layer\tmean_MACs_per_s"]
-    for strategy in ("entropy", "confidence"):
+    for strategy in SCORED:
         rows = []
         for t in sweep_thresholds(traces, strategy):
             results, stats = simulate(traces, strategy, t, exits, per_exit_macs)

@@ -1,29 +1,40 @@
 #!/usr/bin/env python3
-"""Transcribe audio files (any sample rate; wav, flac, ogg, sph) with a trained checkpoint.
+"""Transcribe audio files (any sample rate; wav, flac, ogg, sph) with a trained model.
 
-    ./splitformer/pretrained.py --checkpoint exp/splitformer-cpu/epoch-30.pt \\
+    ./splitformer/export.py --exp-dir exp/splitformer-cpu --epoch 12 --avg 4 --use-averaged-model --onnx false
+    ./splitformer/pretrained.py --checkpoint exp/splitformer-cpu/onnx/pretrained.pt \\
         --bpe-model data/lang_bpe_30/bpe.model --exit-layer 6 a.wav b.flac
+    ./splitformer/pretrained.py ... --files-from list.txt --output transcripts.tsv
 
-Prints ``<file>\\t<transcript>`` per file, in the order given. The checkpoint must hold ``model``
-and ``args`` (the model flags), as train.py writes them. Files with no audio, digital silence
-or very short audio give an empty transcript; a missing or unreadable file, or a checkpoint
-that does not match its flags, is an error (exit status 2) that names it.
+Writes ``<file>\\t<transcript>`` per file, in the order given (to stdout, or to ``--output``). The
+checkpoint must hold ``model`` and ``args`` (the model flags): an ``epoch-N.pt`` of train.py, or the
+``pretrained.pt`` export.py writes (with the weights averaged as decode.py averages them).
+
+Files are decoded in batches of at most ``--max-duration`` seconds of audio, so memory does not grow
+with the number of files. Empty audio (a valid header, no samples), digital silence and very short
+audio give an empty transcript. A file that cannot be used (missing, a directory, 0 bytes, unreadable,
+NaN samples) costs only itself: it is named on stderr with the reason, every other file is still
+transcribed, and the exit status is 1. A checkpoint or flag error stops everything (exit status 2).
 """
 import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from splitformer.decoding.audio import AudioError, file_features
 from splitformer.decoding.loading import DecodeSetupError, build_and_load, checkpoint_args, load_checkpoint_file, model_state
 from splitformer.decoding.search import CTC_METHODS, METHODS, run_search
+
+FRAMES_PER_SECOND = 100  # fbank frame shift of 10 ms
 
 # Audio shorter than this is padded with silence before the front end (its convolutions need
 # a few frames); the padding is silence, so it adds no words.
@@ -34,44 +45,107 @@ SILENCE_PEAK = 1e-5
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="epoch-N.pt (or any file with 'model' and 'args')")
-    p.add_argument("--use-averaged-model", action="store_true", help="decode with the checkpoint's model_avg")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="pretrained.pt from export.py, or an epoch-N.pt of train.py (its raw weights)")
+    p.add_argument("--use-averaged-model", action="store_true",
+                   help="refused: an epoch-N.pt's model_avg averages the whole run; export.py writes the right average")
     p.add_argument("--bpe-model", type=Path, required=True)
     p.add_argument("--exit-layer", type=int, default=None, help="layer whose exit decodes (default: the last)")
     p.add_argument("--decoding-method", type=str, default="greedy_search", choices=METHODS)
     p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio (padding included) per batch")
+    p.add_argument("--files-from", type=Path, default=None, help="a text file with one audio path per line")
+    p.add_argument("--output", type=Path, default=None, help="write <file>\\t<transcript> lines here instead of stdout")
     p.add_argument("--num-threads", type=int, default=0)
-    p.add_argument("sound_files", nargs="+", type=Path, help="audio files to transcribe")
+    p.add_argument("sound_files", nargs="*", type=Path, help="audio files to transcribe")
     return p
 
 
 def load_model(checkpoint: Path, use_averaged_model: bool = False):
     ckpt = load_checkpoint_file(checkpoint)
+    if use_averaged_model:
+        raise DecodeSetupError(
+            f"--use-averaged-model: the model_avg of {checkpoint} is the running average over the whole run, "
+            "its first epochs included, and decodes far worse than the model itself. Write the average of the "
+            "last epochs as decode.py uses it, then pass that file: ./splitformer/export.py --exp-dir DIR "
+            "--epoch E --avg A --use-averaged-model --onnx false  (writes DIR/onnx/pretrained.pt)")
     args = checkpoint_args(ckpt, checkpoint)
-    state = model_state(ckpt, checkpoint, "model_avg" if use_averaged_model else "model")
+    state = model_state(ckpt, checkpoint, "model")
     return build_and_load(args, state, getattr(args, "vocab_size", None), str(checkpoint))
 
 
+def input_files(sound_files: Sequence[Path], files_from: Optional[Path]) -> List[Path]:
+    """The positional files, then those listed in ``files_from`` (blank lines and # comments skipped)."""
+    files = list(sound_files)
+    if files_from is not None:
+        try:
+            lines = Path(files_from).read_text().splitlines()
+        except OSError as e:
+            raise DecodeSetupError(f"--files-from {files_from}: cannot read it ({e.strerror})") from e
+        files += [Path(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not files:
+        raise DecodeSetupError("no audio files: pass them as arguments or list them with --files-from")
+    return files
+
+
+@dataclass
+class Transcript:
+    path: Path
+    text: str = ""
+    error: Optional[str] = None
+
+
+def batches(items: Iterable[Tuple[int, np.ndarray]], max_frames: int) -> Iterator[List[Tuple[int, np.ndarray]]]:
+    """Groups (index, features) in the given order so that each padded batch holds at most
+    ``max_frames`` frames; a longer item goes alone."""
+    batch: List[Tuple[int, np.ndarray]] = []
+    longest = 0
+    for item in items:
+        n = item[1].shape[0]
+        if batch and (len(batch) + 1) * max(longest, n) > max_frames:
+            yield batch
+            batch, longest = [], 0
+        batch.append(item)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
-def transcribe(model, tokenizer, files: Sequence[Path], exit_layer: Optional[int], method: str, beam: int) -> List[str]:
-    """One transcript per file; the audio that holds something to decode goes through in one batch."""
-    feats: List[Tuple[int, np.ndarray]] = []
-    texts = [""] * len(files)
-    for i, f in enumerate(files):
-        x, peak = file_features(f, MIN_SECONDS)
-        if x.shape[0] == 0 or peak < SILENCE_PEAK:
-            continue
-        feats.append((i, x))
-    if not feats:
-        return texts
-    lens = torch.tensor([x.shape[0] for _, x in feats])
-    batch = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for _, x in feats], batch_first=True)
-    enc, enc_lens = model.encode(batch, lens, exit_layer=exit_layer)
+def transcribe(model, tokenizer, files: Sequence[Path], exit_layer: Optional[int], method: str, beam: int,
+               max_duration: float = 200.0, progress: bool = False) -> Iterator[Transcript]:
+    """One Transcript per file, in order, a batch at a time; a file that cannot be read gets its
+    error instead of a transcript and the others go on."""
     layer = model.exits[model.exit_index(exit_layer)]
-    hyps = run_search(model, method, enc, enc_lens, layer, beam)
-    for (i, _), h in zip(feats, hyps):
-        texts[i] = tokenizer.decode(h.tokens) if h.tokens else ""
-    return texts
+    out: Dict[int, Transcript] = {}
+    next_out = 0
+
+    def features() -> Iterator[Tuple[int, np.ndarray]]:
+        for i, f in enumerate(tqdm(files, desc="transcribing", unit="file", disable=not progress)):
+            out[i] = Transcript(f)
+            try:
+                x, peak = file_features(f, MIN_SECONDS)
+            except AudioError as e:
+                out[i].error = str(e)
+                continue
+            except Exception as e:  # resampling or the fbank failed on this file: it alone is lost
+                out[i].error = f"cannot compute features of {f}: {type(e).__name__}: {e}"
+                continue
+            if x.shape[0] > 0 and peak >= SILENCE_PEAK:
+                yield i, x
+
+    for batch in batches(features(), max(1, int(max_duration * FRAMES_PER_SECOND))):
+        lens = torch.tensor([x.shape[0] for _, x in batch])
+        feats = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for _, x in batch], batch_first=True)
+        enc, enc_lens = model.encode(feats, lens, exit_layer=layer)
+        for (i, _), h in zip(batch, run_search(model, method, enc, enc_lens, layer, beam)):
+            out[i].text = tokenizer.decode(h.tokens) if h.tokens else ""
+        while next_out <= batch[-1][0]:  # every file up to this batch's last one is settled
+            yield out.pop(next_out)
+            next_out += 1
+    while next_out < len(files):  # the rest: unreadable, empty or silent files after the last batch
+        yield out.pop(next_out)
+        next_out += 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -82,6 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from splitformer.decoding.loading import load_tokenizer
 
     try:
+        files = input_files(args.sound_files, args.files_from)
         model = load_model(args.checkpoint, args.use_averaged_model)
         if args.exit_layer is not None and args.exit_layer not in model.exits:
             raise DecodeSetupError(f"no exit after layer {args.exit_layer}; valid exits: {', '.join(map(str, model.exits))}")
@@ -90,12 +165,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.decoding_method not in CTC_METHODS and not model.use_transducer:
             raise DecodeSetupError(f"{args.decoding_method} needs the transducer, but this model is CTC-only")
         tokenizer = load_tokenizer(args.bpe_model)
-        texts = transcribe(model, tokenizer, args.sound_files, args.exit_layer, args.decoding_method, args.beam_size)
-    except (DecodeSetupError, AudioError) as e:
+        sink = open(args.output, "w") if args.output is not None else sys.stdout
+    except (DecodeSetupError, OSError) as e:
         print(f"pretrained.py: error: {e}", file=sys.stderr)
         return 2
-    for f, t in zip(args.sound_files, texts):
-        print(f"{f}\t{t}")
+    failed = 0
+    try:
+        for t in transcribe(model, tokenizer, files, args.exit_layer, args.decoding_method, args.beam_size,
+                            args.max_duration, progress=len(files) >= 20):
+            if t.error is not None:
+                failed += 1
+                print(f"pretrained.py: skipped {t.path}: {t.error}", file=sys.stderr)
+                continue
+            sink.write(f"{t.path}\t{t.text}\n")
+            sink.flush()
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    if failed:
+        print(f"pretrained.py: {failed} of {len(files)} file(s) could not be transcribed (named above); "
+              f"the other {len(files) - failed} were", file=sys.stderr)
+        return 1
     return 0
 
 

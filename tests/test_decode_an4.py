@@ -28,6 +28,51 @@ def _runs(t, method="greedy_search"):
     return json.loads((t["exp"] / method / "results-dev.json").read_text())["runs"]
 
 
+def _wer_from_recogs(path: Path) -> float:
+    """WER (%) recomputed from a recogs file alone: refs and hyps paired by cut id, edits by kaldialign."""
+    import ast
+
+    import kaldialign
+
+    refs, hyps = {}, {}
+    for line in path.read_text().splitlines():
+        cut_id, _, field = line.partition(":\t")
+        kind, _, words = field.partition("=")
+        (refs if kind == "ref" else hyps)[cut_id] = ast.literal_eval(words)
+    assert refs and refs.keys() == hyps.keys()
+    errors = sum(kaldialign.edit_distance(refs[c], hyps[c])["total"] for c in refs)
+    return 100.0 * errors / sum(len(r) for r in refs.values())
+
+
+def _independent_exits(t, strategy: str, threshold: float) -> dict:
+    """Per-utterance exit choices for ``strategy`` computed apart from splitformer.decoding.exits:
+    each utterance alone, torch.distributions for the entropy, a plain loop for the rule."""
+    import argparse
+
+    from splitformer.decode import load_model, test_loader
+
+    args = argparse.Namespace(exp_dir=t["exp"], epoch=2, iter=0, avg=1, use_averaged_model=False)
+    model, _ = load_model(args)
+    loader, _ = test_loader(t["manifests"], "an4", "dev", 30)
+    counts = {e: 0 for e in model.exits}
+    with torch.no_grad():
+        for batch in loader:
+            feats, lens = batch["inputs"], batch["supervisions"]["num_frames"]
+            for i in range(feats.size(0)):
+                n = int(lens[i])
+                chosen = model.exits[-1]
+                for e in model.exits[:-1]:
+                    enc, enc_lens = model.encode(feats[i:i + 1, :n], lens[i:i + 1], exit_layer=e)
+                    logits = model.ctc_log_probs(enc, e)[0, : int(enc_lens[0])]
+                    dist = torch.distributions.Categorical(logits=logits.double())
+                    score = dist.entropy().mean() if strategy == "entropy" else dist.probs.max(-1).values.mean()
+                    if (score < threshold) if strategy == "entropy" else (score > threshold):
+                        chosen = e
+                        break
+                counts[chosen] += 1
+    return {str(e): c for e, c in counts.items()}
+
+
 def test_sweep_of_all_exits_equals_each_exit_alone(trained_an4):
     t = trained_an4
     assert _decode(t, "--exit-layer", "all") == 0
@@ -40,7 +85,9 @@ def test_sweep_of_all_exits_equals_each_exit_alone(trained_an4):
         assert _decode(t, "--exit-layer", str(e)) == 0
         alone = [r for r in _runs(t).values() if r["exit_layer"] == e and not r.get("from_sweep")]
         assert alone and alone[0]["wer"] == sweep[e]["wer"]
-        assert (out / f"recogs-dev-epoch-2_avg-1_exit-{e}_greedy_search.txt").read_text() == sweep_recogs[e]
+        recogs = out / f"recogs-dev-epoch-2_avg-1_exit-{e}_greedy_search.txt"
+        assert recogs.read_text() == sweep_recogs[e]
+        assert _wer_from_recogs(recogs) == pytest.approx(alone[0]["wer"], abs=1e-9)
     for r in sweep.values():
         assert r["num_utts"] == 100 and r["rtf_encoder"] > 0 and r["rtf_decode"] >= r["rtf_encoder"]
     assert sweep[2]["macs_per_second"] < sweep[4]["macs_per_second"] < sweep[6]["macs_per_second"]
@@ -55,16 +102,35 @@ def test_an_exit_that_does_not_exist_lists_the_valid_ones(trained_an4, capsys):
 
 
 @pytest.mark.parametrize("strategy,threshold,expected", [
-    ("entropy", "0", 6), ("entropy", "inf", 2), ("confidence", "0", 2), ("confidence", "inf", 6),
+    ("entropy", "0", 6), ("confidence", "0", 2), ("posterior", "inf", 6),
 ])
-def test_dynamic_exit_thresholds_at_the_extremes(trained_an4, strategy, threshold, expected):
+def test_dynamic_exit_thresholds_at_the_extremes_reduce_to_a_fixed_exit(trained_an4, strategy, threshold, expected):
     t = trained_an4
     assert _decode(t, "--exit-strategy", strategy, "--exit-threshold", threshold, "--max-duration", "30") == 0
     run = _runs(t)[f"epoch-2_avg-1_exit-{strategy}-{threshold}_greedy_search"]
-    assert run["mean_exit_layer"] == expected
-    fixed = [r for r in _runs(t).values() if r.get("exit_layer") == expected and r["kind"] == "fixed"]
-    if fixed:  # same hypotheses as the fixed exit it reduces to
-        assert run["wer"] == fixed[0]["wer"]
+    assert run["exit_counts"] == {str(e): (100 if e == expected else 0) for e in (2, 4, 6)}
+    assert _decode(t, "--exit-layer", str(expected)) == 0  # the fixed exit it reduces to, decoded here
+    fixed = _runs(t)[f"epoch-2_avg-1_exit-{expected}_greedy_search"]
+    out = t["exp"] / "greedy_search"
+    assert (out / f"recogs-dev-epoch-2_avg-1_exit-{strategy}-{threshold}_greedy_search.txt").read_text() == \
+        (out / f"recogs-dev-epoch-2_avg-1_exit-{expected}_greedy_search.txt").read_text()
+    assert run["wer"] == fixed["wer"]
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "confidence"])
+def test_dynamic_exits_at_a_middle_threshold_match_an_independent_computation(trained_an4, strategy):
+    """The threshold that splits the utterances: the exits decode.py chose, against the rule applied
+    by hand (torch.distributions, one utterance at a time, no code shared with the decoder)."""
+    t = trained_an4
+    assert _decode(t, "--exit-threshold", "sweep", method="ctc_greedy_search") == 0
+    curve = _runs(t, "ctc_greedy_search")["epoch-2_avg-1_exit-sweep_ctc_greedy_search"]["curves"][strategy]
+    point = min(curve, key=lambda r: abs(r["mean_exit_layer"] - 4))
+    assert 2 < point["mean_exit_layer"] < 6, curve  # the model must be unsure enough for a split
+    thr = repr(point["threshold"])
+    assert _decode(t, "--exit-strategy", strategy, "--exit-threshold", thr, "--max-duration", "30") == 0
+    run = _runs(t)[f"epoch-2_avg-1_exit-{strategy}-{thr}_greedy_search"]
+    assert run["exit_counts"] == _independent_exits(t, strategy, point["threshold"])
+    assert sum(1 for c in run["exit_counts"].values() if c) >= 2
 
 
 def test_threshold_sweep_curve_spans_first_to_last_exit_and_matches_a_real_dynamic_run(trained_an4):
@@ -72,11 +138,17 @@ def test_threshold_sweep_curve_spans_first_to_last_exit_and_matches_a_real_dynam
     assert _decode(t, "--exit-threshold", "sweep", method="ctc_greedy_search") == 0
     runs = _runs(t, "ctc_greedy_search")
     curves = runs["epoch-2_avg-1_exit-sweep_ctc_greedy_search"]["curves"]
-    for strategy in ("entropy", "confidence"):
-        layers = [r["mean_exit_layer"] for r in curves[strategy]]
-        assert min(layers) == 2 and max(layers) == 6
-        macs = [r["macs_per_second"] for r in curves[strategy]]
-        assert min(macs) < max(macs)
+    fixed = {r["exit_layer"]: r for r in runs.values() if r["kind"] == "fixed" and r.get("from_sweep")}
+    for strategy in ("entropy", "confidence", "posterior"):
+        rows = curves[strategy]
+        # more than the two extremes: some threshold sends the utterances to different exits
+        assert any(2 < r["mean_exit_layer"] < 6 for r in rows), (strategy, rows)
+        for r in rows:  # each point's compute lies between the first and the last exit's
+            assert fixed[2]["macs_per_second"] * (1 - 1e-9) <= r["macs_per_second"] <= fixed[6]["macs_per_second"] * (1 + 1e-9)
+            if r["mean_exit_layer"] == 2:
+                assert r["wer"] == fixed[2]["wer"]
+            if r["mean_exit_layer"] == 6:
+                assert r["wer"] == fixed[6]["wer"]
     tsv = (t["exp"] / "ctc_greedy_search" / "dynamic-sweep-dev-epoch-2_avg-1_exit-sweep_ctc_greedy_search.tsv")
     assert tsv.read_text().startswith("strategy\tthreshold\tWER")
     # A threshold in the middle of the curve: the simulated point equals a real per-utterance run.

@@ -98,6 +98,7 @@ def _train(root: Path, steps_per_epoch: int = 30) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     avg = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
     step = 0
+    losses: List[float] = []  # per step, summed over exits: saved so that a test can see learning happen
     for epoch in (1, 2):
         for _ in range(steps_per_epoch):
             idx = torch.randint(len(cuts), (16,)).tolist()
@@ -112,13 +113,14 @@ def _train(root: Path, steps_per_epoch: int = 30) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(float(loss.detach()))
             step += 1
             for k, v in model.state_dict().items():  # running average since the start, icefall-style
                 if v.is_floating_point():
                     avg[k] += (v.double() - avg[k]) / (step + 1)
         torch.save(dict(model=model.state_dict(), model_avg={k: v.float() if v.is_floating_point() else model.state_dict()[k]
                                                               for k, v in avg.items()},
-                        args=model_args_dict(args), epoch=epoch, batch_idx_train=step),
+                        args=model_args_dict(args), epoch=epoch, batch_idx_train=step, fixture_losses=list(losses)),
                    root / "exp" / f"epoch-{epoch}.pt")
 
 
@@ -142,7 +144,15 @@ def trained_an4(tmp_path_factory, an4_dir):
     return build_trained_an4(an4_dir, tmp_path_factory.getbasetemp())
 
 
-def test_fixture_trains_a_model_whose_loss_is_finite(trained_an4):
+def test_fixture_trains_a_model_whose_loss_is_finite_and_falls(trained_an4):
+    import math
+
     ckpt = torch.load(trained_an4["exp"] / "epoch-2.pt", weights_only=True)
-    assert ckpt["batch_idx_train"] == 60
+    losses = ckpt["fixture_losses"]
+    assert ckpt["batch_idx_train"] == len(losses) == 60
+    assert all(math.isfinite(x) for x in losses)
+    # the decode tests need a model that learned something: the last 10 steps' mean CTC loss (summed over
+    # 3 exits) is well under the first 5 steps'
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
     assert set(ckpt["model"]) == set(ckpt["model_avg"])

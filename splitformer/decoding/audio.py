@@ -21,18 +21,28 @@ class AudioError(RuntimeError):
 
 
 def read_audio(path: Path) -> Tuple[np.ndarray, int]:
-    """(mono float32 samples in [-1, 1], sample rate). A 0-byte file is empty audio, not an error."""
+    """(mono float32 samples in [-1, 1], sample rate).
+
+    A file with a valid header and no samples is empty audio (an empty transcript, not an error). A
+    0-byte file, a directory, an unreadable file and samples that are NaN or infinite are errors
+    that name the file: each is something the user must fix, not silence.
+    """
     import soundfile as sf
 
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path} is a directory, not an audio file (pass the files in it, or list them with --files-from)")
     if not path.is_file():
         raise AudioError(f"audio file {path} does not exist")
     if path.stat().st_size == 0:
-        return np.zeros(0, dtype=np.float32), SAMPLE_RATE
+        raise AudioError(f"audio file {path} is empty (0 bytes): it holds no header and no audio")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for bad headers
         raise AudioError(f"cannot read audio file {path}: {e} (supported: wav, flac, ogg, uncompressed sph)") from e
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).any(axis=1).sum())
+        raise AudioError(f"audio file {path} has {bad} NaN or infinite sample(s) of {data.shape[0]}: it is corrupt")
     return data.mean(axis=1).astype(np.float32), int(sr)
 
 

@@ -7,23 +7,32 @@ Criteria, computed on the CTC posteriors of an exit, over the utterance's valid 
   Threshold 0 never exits early (entropy >= 0), so it gives the last exit; threshold +inf gives the first.
 - ``confidence``: mean over frames of the max posterior (in [1/V, 1]); exit when it is **above** the
   threshold. Threshold 0 gives the first exit, threshold >= 1 (or +inf) the last.
+- ``posterior``: paper 1's (Wright et al., and the authors' ``util/beam_infer.py``): the posterior of the
+  best hypothesis among the N-best of a CTC prefix beam search at that exit, i.e. a softmax over the
+  N-best scores; exit when it is **above** the threshold. 0 gives the first exit, >= 1 the last.
 - ``fixed``: never exits early (use ``--exit-layer`` to pick the exit).
 
 The last exit always stops. The decision at an exit depends only on that exit's output, so a sweep
 over thresholds can be simulated exactly from one pass that reads every exit (:func:`simulate`).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-STRATEGIES = ("fixed", "entropy", "confidence")
+STRATEGIES = ("fixed", "entropy", "confidence", "posterior")
+SCORED = ("entropy", "confidence", "posterior")  # the strategies that read a score at each exit
 
 
 def mean_entropy(log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) log-probs -> (B,) mean entropy over each utterance's frames (0 for empty ones)."""
-    ent = -(log_probs.exp() * log_probs).sum(-1)  # (B, T)
+    """(B, T, V) log-probs -> (B,) mean entropy over each utterance's frames (0 for empty ones).
+
+    A posterior of exactly 0 (log-prob -inf) adds 0, its limit, not ``0 * -inf = NaN``: a NaN score
+    would never stop the climb, and would do so silently.
+    """
+    p = log_probs.exp()
+    ent = -torch.where(p > 0, p * log_probs, torch.zeros_like(p)).sum(-1)  # (B, T)
     return _masked_mean(ent, lens)
 
 
@@ -34,23 +43,38 @@ def mean_max_posterior(log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Ten
     return torch.where(lens > 0, out, torch.ones_like(out))
 
 
+def nbest_posterior(log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4, blank_id: int = 0) -> torch.Tensor:
+    """(B, T, V) CTC log-probs -> (B,) posterior of the best of the ``nbest`` prefix-beam hypotheses,
+    exp(s_1 - logsumexp(s_1..s_N)) (1 for an empty utterance, whose only hypothesis is the empty one)."""
+    from splitformer.decoding.search import ctc_prefix_beam_nbest
+
+    out = []
+    for hyps in ctc_prefix_beam_nbest(log_probs, lens, beam=nbest, blank_id=blank_id):
+        scores = torch.tensor([h.log_prob for h in hyps], dtype=torch.float64)
+        out.append(math.exp(float(scores[0] - torch.logsumexp(scores, 0))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def _masked_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T) ``x`` over each row's first ``lens`` frames; what padding holds (even NaN) is ignored."""
     mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) < lens.to(x.device).unsqueeze(1)
-    return (x * mask).sum(1) / lens.to(x.device).clamp(min=1)
+    return torch.where(mask, x, torch.zeros_like(x)).sum(1) / lens.to(x.device).clamp(min=1)
 
 
-def exit_score(strategy: str, log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+def exit_score(strategy: str, log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4, blank_id: int = 0) -> torch.Tensor:
     if strategy == "entropy":
         return mean_entropy(log_probs, lens)
     if strategy == "confidence":
         return mean_max_posterior(log_probs, lens)
-    raise ValueError(f"exit strategy {strategy!r} has no score; choose entropy or confidence")
+    if strategy == "posterior":
+        return nbest_posterior(log_probs, lens, nbest, blank_id)
+    raise ValueError(f"exit strategy {strategy!r} has no score; choose one of {', '.join(SCORED)}")
 
 
 def stops(strategy: str, score: float, threshold: float) -> bool:
     if strategy == "entropy":
         return score < threshold
-    if strategy == "confidence":
+    if strategy in ("confidence", "posterior"):
         return score > threshold
     if strategy == "fixed":
         return False
@@ -82,6 +106,13 @@ class UttTrace:
     hyps: List[List[str]]  # per exit
     entropy: List[float]  # per exit
     confidence: List[float]  # per exit
+    posterior: List[float] = field(default_factory=list)  # per exit
+
+    def scores(self, strategy: str) -> List[float]:
+        """This utterance's score at every exit under ``strategy``."""
+        if strategy not in SCORED:
+            raise ValueError(f"exit strategy {strategy!r} has no score; choose one of {', '.join(SCORED)}")
+        return getattr(self, strategy)
 
 
 def simulate(
@@ -97,8 +128,7 @@ def simulate(
     macs = 0.0
     dur = 0.0
     for tr in traces:
-        scores = tr.entropy if strategy == "entropy" else tr.confidence
-        i = choose_exit(strategy, threshold, scores)
+        i = choose_exit(strategy, threshold, tr.scores(strategy))
         results.append((tr.cut_id, tr.ref, tr.hyps[i]))
         layers.append(exits[i])
         macs += macs_per_second[i] * tr.duration
@@ -114,7 +144,7 @@ def sweep_thresholds(traces: Sequence[UttTrace], strategy: str, points: int = 24
     """0, +inf and up to ``points`` thresholds between quantiles of the scores seen, so the curve
     spans first exit to last exit. Thresholds sit half-way between two distinct observed scores,
     never on one, so that float noise (e.g. from padding in a batch) cannot flip a decision."""
-    vals = sorted(set(s for tr in traces for s in (tr.entropy if strategy == "entropy" else tr.confidence)))
+    vals = sorted(set(s for tr in traces for s in tr.scores(strategy)))
     qs = {0.0, math.inf}
     if len(vals) > 1:
         for k in range(points):

@@ -11,7 +11,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from splitformer.decoding.exits import UttTrace, exit_score, iter_model_exits, mean_entropy, mean_max_posterior, stops
+from splitformer.decoding.exits import (
+    UttTrace, exit_score, iter_model_exits, mean_entropy, mean_max_posterior, nbest_posterior, stops,
+)
 from splitformer.decoding.search import run_search
 
 Result = Tuple[str, List[str], List[str]]
@@ -84,13 +86,15 @@ def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: in
 
 @torch.no_grad()
 def decode_all_exits(
-    model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: Optional[str] = "all exits"
+    model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: Optional[str] = "all exits",
+    nbest: int = 4,
 ) -> Tuple[Dict[int, ExitRun], List[UttTrace]]:
     """Runs the encoder once per batch up to the top, decoding every exit on the way.
 
     The encoder time of exit k is the time the encoder took to reach it; its decode time adds that
-    exit's search only. Also returns, per utterance, every exit's hypothesis and CTC entropy and
-    confidence (when the model has CTC heads), from which dynamic exits are simulated.
+    exit's search only. Also returns, per utterance, every exit's hypothesis and CTC entropy,
+    confidence and ``nbest`` posterior (when the model has CTC heads), from which dynamic exits are
+    simulated.
     """
     exits = model.exits
     runs = {e: ExitRun() for e in exits}
@@ -100,6 +104,7 @@ def decode_all_exits(
         per_exit_words: List[List[List[str]]] = []
         ent: List[List[float]] = []
         conf: List[List[float]] = []
+        post: List[List[float]] = []
         enc_time = 0.0
         gen = iter_model_exits(model, feats, lens)
         while True:
@@ -121,11 +126,12 @@ def decode_all_exits(
                 lp = model.ctc_log_probs(enc, exit_layer)
                 ent.append(mean_entropy(lp, enc_lens).tolist())
                 conf.append(mean_max_posterior(lp, enc_lens).tolist())
+                post.append(nbest_posterior(lp, enc_lens, nbest, model.blank_id).tolist())
         for i, cut_id in enumerate(ids):
             traces.append(UttTrace(
                 cut_id=cut_id, duration=durs[i], ref=refs[i],
                 hyps=[w[i] for w in per_exit_words],
-                entropy=[e[i] for e in ent], confidence=[c[i] for c in conf],
+                entropy=[e[i] for e in ent], confidence=[c[i] for c in conf], posterior=[p[i] for p in post],
             ))
     return runs, traces
 
@@ -133,7 +139,7 @@ def decode_all_exits(
 @torch.no_grad()
 def decode_dynamic(
     model, loader, tokenizer, strategy: str, threshold: float, method: str, beam: int, device: torch.device,
-    desc: str = "dynamic exits",
+    desc: Optional[str] = "dynamic exits", nbest: int = 4,
 ) -> DynamicRun:
     """Per utterance (batch size 1, so that no layer runs for an utterance that has stopped):
     climb the exits, stop at the first whose CTC posteriors pass the criterion, decode there.
@@ -157,7 +163,7 @@ def decode_dynamic(
                 if exit_layer == last:
                     break
                 lp = model.ctc_log_probs(enc, exit_layer)
-                if stops(strategy, float(exit_score(strategy, lp, enc_lens)[0]), threshold):
+                if stops(strategy, float(exit_score(strategy, lp, enc_lens, nbest, model.blank_id)[0]), threshold):
                     break
             gen.close()  # the layers above are not computed
             hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)

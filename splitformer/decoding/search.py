@@ -160,6 +160,15 @@ def ctc_prefix_beam_search(
     At each frame the candidate tokens are the ``beam`` most likely ones plus each prefix's last
     token (so that the "repeat collapses" path is never pruned).
     """
+    return [nbest[0] for nbest in ctc_prefix_beam_nbest(log_probs, lens, beam, blank_id)]
+
+
+@torch.no_grad()
+def ctc_prefix_beam_nbest(
+    log_probs: torch.Tensor, lens: torch.Tensor, beam: int = 4, blank_id: int = 0
+) -> List[List[Hyp]]:
+    """The final beam of :func:`ctc_prefix_beam_search` per utterance, best first (at most ``beam``
+    hypotheses): what paper 1's posterior exit criterion normalises over."""
     out = []
     cand_k = min(beam, log_probs.size(-1))
     for b, n in enumerate(lens.tolist()):
@@ -191,8 +200,8 @@ def ctc_prefix_beam_search(
                         add(prefix + (c,), 1, tot + row[c])
             ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]), reverse=True)[:beam]
             prefixes = {k: (v[0], v[1]) for k, v in ranked}
-        best, (pb, pnb) = max(prefixes.items(), key=lambda kv: _logaddexp(*kv[1]))
-        out.append(Hyp(list(best), _logaddexp(pb, pnb)))
+        final = sorted(((_logaddexp(pb, pnb), k) for k, (pb, pnb) in prefixes.items()), key=lambda sk: -sk[0])
+        out.append([Hyp(list(k), score) for score, k in final])
     return out
 
 
