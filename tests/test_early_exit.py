@@ -1,5 +1,4 @@
 """Early-exit encoder and Splitformer branches: which layers run, lengths, gradients, padding invariance."""
-import importlib.util
 
 import pytest
 import torch
@@ -14,9 +13,7 @@ from splitformer.model.early_exit import (
 
 torch.set_num_threads(1)
 
-HAVE_ZIPFORMER = importlib.util.find_spec("splitformer.model.zipformer") is not None
-LAYER_TYPES = ["conformer", pytest.param("zipformer", marks=pytest.mark.skipif(
-    not HAVE_ZIPFORMER, reason="splitformer.model.zipformer not merged yet"))]
+LAYER_TYPES = ["conformer", "zipformer"]
 D = 32
 
 
@@ -220,7 +217,6 @@ def test_padding_invariance_conformer(kw):
     check_padding_invariance(tiny("conformer", **kw))
 
 
-@pytest.mark.skipif(not HAVE_ZIPFORMER, reason="splitformer.model.zipformer not merged yet")
 @pytest.mark.parametrize("kw", [dict(), dict(split_blocks=(0, 2), input_downsample=2)])
 def test_padding_invariance_zipformer(kw):
     check_padding_invariance(tiny("zipformer", **kw))
@@ -285,8 +281,9 @@ def test_paper_parameter_counts(kw, encoder_params, total_m):
     # 12 torchaudio-sized Conformer layers (2,573,568 each), 6 exit LayerNorms, (2 branch layers)
     assert n_params(enc) == encoder_params
     heads = torch.nn.ModuleList([torch.nn.Linear(256, 256) for _ in enc.exits])  # CTC heads, BPE 256
-    embed = pytest.importorskip("splitformer.model.encoder_embed")
-    front = embed.Conv1dSubsampling(in_channels=80, out_channels=256)
+    from splitformer.model.encoder_embed import Conv1dSubsampling
+
+    front = Conv1dSubsampling(in_channels=80, out_channels=256)
     total = n_params(enc) + n_params(heads) + n_params(front)
     assert abs(total / 1e6 - total_m) / total_m < 0.02, total
 
@@ -295,7 +292,7 @@ def test_paper_parameter_counts(kw, encoder_params, total_m):
                                                    ("splitformer-paper", 36_033_024)])
 def test_config_presets_build_the_paper_encoders(preset, encoder_params):
     """The lead's presets reach this constructor with the papers' arguments."""
-    config = pytest.importorskip("splitformer.model.config")
+    from splitformer.model import config
     enc, dim = config.build_encoder(config.default_model_args(preset=preset))
     assert isinstance(enc, EarlyExitEncoder) and dim == 256
     assert n_params(enc) == encoder_params

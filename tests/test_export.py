@@ -3,7 +3,6 @@
 Each encoder type on the branch gets a tiny model, saved as fake epoch checkpoints in a temporary exp dir,
 exported once per module, and compared with PyTorch through onnxruntime.
 """
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import onnx  # noqa: F401  (requirements.txt: a missing package must fail, not skip)
+import onnxruntime as ort
 
 from splitformer.checkpoint import average_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
 from splitformer.model.config import build_model, default_model_args, model_args_dict  # noqa: E402
@@ -34,8 +33,6 @@ from splitformer.onnx_export import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 20
-HAS_ZIPFORMER = importlib.util.find_spec("splitformer.model.zipformer") is not None
-HAS_EMBED = importlib.util.find_spec("splitformer.model.encoder_embed") is not None
 
 # Small overrides of the CPU presets: 2-4 layers, dim 32, vocab 20.
 TINY: Dict[str, dict] = {
@@ -52,16 +49,6 @@ TINY: Dict[str, dict] = {
                        encoder_dim="32,48,32", encoder_unmasked_dim="16,16,16", feedforward_dim="64,64,64",
                        num_heads="2,2,2", cnn_module_kernel="7,7,7", decoder_dim=32, joiner_dim=32),
 }
-NEEDS_ZIPFORMER = {"splitformer-zip", "zipformer2"}
-
-
-def _skip_if_missing(kind: str) -> None:
-    if not HAS_EMBED:
-        pytest.skip("splitformer.model.encoder_embed is not on this branch yet")
-    if kind in NEEDS_ZIPFORMER and not HAS_ZIPFORMER:
-        pytest.skip("splitformer.model.zipformer is not on this branch yet")
-
-
 def _perturb(model: torch.nn.Module, scale: float, seed: int) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
@@ -89,7 +76,6 @@ def exported(request, tmp_path_factory):
     cache = {}
 
     def get(kind: str):
-        _skip_if_missing(kind)
         if kind not in cache:
             torch.set_num_threads(1)
             root = tmp_path_factory.mktemp("exp")
@@ -160,7 +146,6 @@ def test_onnx_matches_torch_at_two_lengths(exported, kind):
 
 def test_inputs_up_to_max_frames_fit_the_position_tables(exported, tmp_path):
     """Zipformer's position table covers 1000 frames at each stack's rate unless export extends it."""
-    _skip_if_missing("zipformer2")
     model, out, _ = exported("zipformer2")
     assert read_metadata(out / "ctc-exit3.onnx")["max_frames"] == "12000"  # the default: 2 minutes
     torch.manual_seed(0)
@@ -237,10 +222,9 @@ def test_gather_rel_shift_equals_strided_versions():
 
     s = torch.randn(2, 3, 5, 9)
     assert torch.equal(gather_rel_shift(s), rel_shift(s))
-    if HAS_ZIPFORMER:
-        from splitformer.model.zipformer import _rel_shift
+    from splitformer.model.zipformer import _rel_shift
 
-        assert torch.equal(gather_rel_shift(s), _rel_shift(s))
+    assert torch.equal(gather_rel_shift(s), _rel_shift(s))
 
 
 # ---------------------------------------------------------------- files, metadata, checkpoints
@@ -263,7 +247,6 @@ def test_metadata_and_file_set(exported):
 
 def test_ctc_only_splitformer_paper_gets_only_ctc_files(tmp_path):
     """The papers' CTC-only Splitformer (frame-dropping branches summed in) exports CTC models only."""
-    _skip_if_missing("ee-conformer")
     torch.manual_seed(0)
     args = default_model_args(**dict(TINY["ee-conformer"], preset="splitformer-paper", use_transducer=False,
                                      num_encoder_layers="2", exit_layers="1,2", split_blocks="0,1"))
@@ -276,7 +259,6 @@ def test_ctc_only_splitformer_paper_gets_only_ctc_files(tmp_path):
 
 
 def test_int8_files_run_and_are_smaller(exported, tmp_path):
-    _skip_if_missing("ee-conformer")
     from splitformer.onnx_export import quantize_int8
 
     model, out, _ = exported("ee-conformer")
@@ -295,7 +277,6 @@ def test_int8_files_run_and_are_smaller(exported, tmp_path):
 
 
 def test_cli_script_exports_average_tokens_and_pretrained(tmp_path):
-    _skip_if_missing("ee-conformer")
     exp = make_exp_dir(tmp_path, "ee-conformer")
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("".join(f"t{i} {i}\n" for i in range(VOCAB)))
@@ -320,7 +301,6 @@ def test_cli_script_exports_average_tokens_and_pretrained(tmp_path):
 
 
 def test_use_averaged_model_and_errors(tmp_path):
-    _skip_if_missing("ee-conformer")
     from splitformer.averaging import load_averaged_state
     from splitformer.export import main
 
@@ -360,7 +340,7 @@ def test_parse_exits():
 
 def _knf_features(wave: np.ndarray, sr: int) -> np.ndarray:
     """80-dim fbank as sherpa-onnx computes it for offline models (no dither, no edge snipping)."""
-    knf = pytest.importorskip("kaldi_native_fbank")
+    import kaldi_native_fbank as knf
     opts = knf.FbankOptions()
     opts.frame_opts.dither = 0
     opts.frame_opts.snip_edges = False
@@ -375,7 +355,7 @@ def _knf_features(wave: np.ndarray, sr: int) -> np.ndarray:
 
 
 def _sherpa_setup(exported, tmp_path):
-    sherpa_onnx = pytest.importorskip("sherpa_onnx")
+    import sherpa_onnx
     model, out, _ = exported("splitformer-zip")
     syms = ["<blk>", "<sos/eos>", "<unk>"] + [f"\u2581w{i}" for i in range(3, VOCAB)]
     tokens = tmp_path / "tokens.txt"
