@@ -230,6 +230,16 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
             for r in sorted(dyn, key=lambda r: (r["experiment"], r["strategy"], r["threshold"])):
                 lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r['threshold']:.4g} | {r['wer']:.2f} | "
                              f"{r['mean_exit_layer']:.2f} | {_num(_mmacs(r['macs_per_second']), '.1f')} |")
+        budgets = [r for r in runs if r.get("kind") == "budget" and r["test_set"] == s]
+        if budgets:
+            lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}):", "",
+                      "| experiment | method | strategy | budget | threshold | WER % on budget set | WER % | "
+                      "cost reached | mean exit layer |",
+                      "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for r in sorted(budgets, key=lambda r: (r["experiment"], r["strategy"], r["budget_kind"], r["budget"])):
+                lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r['budget_kind']} {r['budget']:.4g} | "
+                             f"{r['threshold']:.4g} | {r['dev_wer']:.2f} ({r['budget_set']}) | {r['wer']:.2f} | "
+                             f"{r['achieved_cost']:.4g} | {r['mean_exit_layer']:.2f} |")
         sweeps = [r for r in runs if r.get("kind") == "dynamic-sweep" and r["test_set"] == s]
         for r in sweeps:
             lines += ["", f"Dynamic-exit sweep, {r['experiment']}, {_method(r)} (WER % at mean exit layer / MMACs/s):", ""]
@@ -284,6 +294,11 @@ def plot(runs: Sequence[Dict], summary: Dict[Tuple, Dict], test_set: str, path: 
                          marker=".", label=f"{r['experiment']} / {_method(r)} / dynamic {strategy}")
         if r.get("kind") == "dynamic" and r["test_set"] == test_set:
             ax2.scatter([r["macs_per_second"] / 1e6], [r["wer"]], marker="x", color="black")
+        if r.get("kind") == "budget" and r["test_set"] == test_set:
+            ax2.scatter([r["macs_per_second"] / 1e6], [r["wer"]], marker="*", s=120, color="red", zorder=5,
+                        label=f"{r['experiment']} / budget {r['budget_kind']} {r['budget']:.3g} ({r['strategy']})")
+            if r["budget_kind"] == "macs":
+                ax2.axvline(r["budget"] / 1e6, color="red", linestyle=":", linewidth=1)
     ax1.set_xlabel("exit layer")
     ax1.set_ylabel("WER (%)")
     ax1.set_title(f"{test_set}: WER by exit")

@@ -7,7 +7,11 @@ dynamic exit chosen per utterance.
     ./splitformer/decode.py --exp-dir exp/splitformer-cpu --epoch 30 --avg 5 --exit-layer 6 \\
         --decoding-method modified_beam_search --beam-size 4
     ./splitformer/decode.py ... --exit-strategy entropy --exit-threshold 0.5
-    ./splitformer/decode.py ... --exit-threshold sweep      # WER-vs-compute curves of both criteria
+    ./splitformer/decode.py ... --exit-threshold sweep      # WER-vs-compute curves of every criterion
+    ./splitformer/decode.py ... --exit-strategy posterior --exit-budget-macs 60e6   # or --exit-budget-rtf 0.005
+
+A compute budget picks, on ``--budget-set`` (dev), the threshold whose mean encoder cost meets it with the
+lowest WER, then decodes each test set with that threshold and reports the cost reached there.
 
 Writes into ``<exp-dir>/<decoding-method>/``: ``recogs-<set>-<tag>.txt``, ``errs-<set>-<tag>.txt``,
 ``wer-summary-<set>-<tag>.txt`` (WER, real-time factors, encoder MACs per second of audio) and
@@ -19,14 +23,14 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from splitformer.decoding.exits import SCORED, STRATEGIES, parse_threshold, simulate, sweep_thresholds
+from splitformer.decoding.exits import SCORED, STRATEGIES, parse_threshold, pick_under_budget, simulate, sweep_thresholds
 from splitformer.decoding.loading import (DecodeSetupError, averaged_state, build_and_load, checkpoint_args,
                                          load_checkpoint_file, load_tokenizer)
 from splitformer.decoding.results import (update_results_json, utterance_errors, word_error_rate, write_error_stats,
@@ -55,6 +59,12 @@ def get_parser() -> argparse.ArgumentParser:
                         "'sweep': simulate many thresholds for every criterion from one pass over all exits")
     p.add_argument("--exit-nbest", type=int, default=4,
                    help="N of the CTC prefix beam whose scores the posterior criterion normalises over")
+    p.add_argument("--exit-budget-macs", type=float, default=None,
+                   help="mean encoder MACs per second of audio the dynamic exits may spend; the --exit-strategy "
+                        "threshold is chosen on --budget-set to meet it with the lowest WER")
+    p.add_argument("--exit-budget-rtf", type=float, default=None,
+                   help="the same for the encoder's real-time factor on this machine (each exit's RTF measured on --budget-set)")
+    p.add_argument("--budget-set", type=str, default="dev", help="the set on which a budget's threshold is chosen")
     p.add_argument("--dataset", type=str, default="an4", help="recipe name in splitformer.data.recipes.DATASETS")
     p.add_argument("--test-sets", type=str, default=None, help="comma list; default: the recipe's test sets")
     p.add_argument("--manifest-dir", type=Path, default=Path("data/fbank"))
@@ -163,9 +173,16 @@ def _run(args: argparse.Namespace) -> int:
         raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} chooses the exit per utterance; drop --exit-layer")
     if args.exit_threshold is not None and not sweep and not dynamic:
         raise DecodeSetupError("--exit-threshold needs --exit-strategy entropy|confidence|posterior (or use --exit-threshold sweep)")
-    if dynamic and not sweep:
+    budget = _budget(args)
+    if budget is not None:
+        if args.exit_strategy not in SCORED:
+            raise DecodeSetupError(f"a compute budget needs --exit-strategy {'|'.join(SCORED)} (the criterion whose threshold it picks)")
+        if args.exit_threshold is not None or args.exit_layer is not None:
+            raise DecodeSetupError("a compute budget chooses the threshold itself: drop --exit-threshold and --exit-layer")
+    elif dynamic and not sweep:
         if args.exit_threshold is None:
-            raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs --exit-threshold T (or 'sweep')")
+            raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs --exit-threshold T, 'sweep', "
+                                   "or a budget (--exit-budget-macs / --exit-budget-rtf)")
         threshold = parse_threshold(args.exit_threshold)
     if (sweep or dynamic) and not model.use_ctc:
         raise DecodeSetupError("dynamic exits read the CTC posteriors, but this model has no CTC head")
@@ -195,6 +212,12 @@ def _run(args: argparse.Namespace) -> int:
         audio_s = float(sum(c.duration for c in cuts))
         ref_seconds = max(0.5, round(audio_s / max(len(cuts), 1), 1))
         prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
+    budget_info: Dict = {}
+    if budget is not None:
+        loader, cuts = test_loader(args.manifest_dir, args.dataset, args.budget_set, args.max_duration)
+        dev_macs = exit_macs(model, seconds=max(0.5, round(sum(c.duration for c in cuts) / max(len(cuts), 1), 1)))
+        model.to(device)
+        threshold, budget_info = choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget, dev_macs)
     model.to(device)
 
     for test_set, loader, audio_s, ref_seconds, macs in prepared:
@@ -223,14 +246,26 @@ def _run(args: argparse.Namespace) -> int:
         elif dynamic:
             run = decode_dynamic(model, loader, tokenizer, args.exit_strategy, threshold, args.decoding_method,
                                  args.beam_size, device, desc=f"{test_set} {args.exit_strategy}", nbest=args.exit_nbest)
-            tag = run_tag(args, f"{args.exit_strategy}-{args.exit_threshold}")
+            if budget is None:
+                tag = run_tag(args, f"{args.exit_strategy}-{args.exit_threshold}")
+            else:
+                tag = run_tag(args, f"{args.exit_strategy}-budget-{budget[0]}-{budget[1]:g}")
             used = sum(macs[e] * d for e, d in zip(run.exit_layers, run.durations))
             mean_macs = used / audio_s if audio_s else 0.0
             mean_exit = sum(run.exit_layers) / max(len(run.exit_layers), 1)
+            extra = dict(common, kind="dynamic", strategy=args.exit_strategy, threshold=threshold,
+                         mean_exit_layer=mean_exit, macs_seconds=ref_seconds,
+                         exit_counts={str(e): run.exit_layers.count(e) for e in exits})
+            if budget is not None:
+                achieved = mean_macs if budget[0] == "macs" else (run.encoder_seconds / audio_s if audio_s else math.nan)
+                extra.update(budget_info)
+                extra.update(kind="budget", achieved_cost=achieved)
             entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
-                                mean_macs, dict(common, kind="dynamic", strategy=args.exit_strategy, threshold=threshold,
-                                                mean_exit_layer=mean_exit, macs_seconds=ref_seconds,
-                                                exit_counts={str(e): run.exit_layers.count(e) for e in exits}))
+                                mean_macs, extra)
+            if budget is not None:
+                logging.info(f"{test_set}: budget {budget[0]} {budget[1]:.6g} -> threshold {threshold:.6g} "
+                             f"(dev WER {budget_info['dev_wer']:.2f}% at cost {budget_info['dev_cost']:.6g}); "
+                             f"reached {achieved:.6g} on {test_set}")
             with open(out_dir / f"wer-summary-{test_set}-{tag}.txt", "a") as f:
                 f.write(f"# mean exit layer {mean_exit:.2f}; exits used: {entry['exit_counts']}\n")
             update_results_json(json_path, entry)
@@ -248,6 +283,44 @@ def _run(args: argparse.Namespace) -> int:
                          f"dec {entry['rtf_decode']:.4f} MACs/s {_fmt_macs(macs[e])}")
     logging.info(f"results in {out_dir}")
     return 0
+
+
+def _budget(args: argparse.Namespace) -> Optional[Tuple[str, float]]:
+    """("macs" | "rtf", value) from --exit-budget-macs / --exit-budget-rtf, or None."""
+    given = [(k, v) for k, v in (("macs", args.exit_budget_macs), ("rtf", args.exit_budget_rtf)) if v is not None]
+    if len(given) > 1:
+        raise DecodeSetupError("give one budget: --exit-budget-macs or --exit-budget-rtf")
+    if given and not given[0][1] > 0:
+        raise DecodeSetupError(f"--exit-budget-{given[0][0]} must be positive, got {given[0][1]}")
+    return given[0] if given else None
+
+
+def choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget: Tuple[str, float],
+                            macs: Dict[int, float]) -> Tuple[float, Dict]:
+    """The threshold of ``args.exit_strategy`` that meets ``budget`` on the budget set with the lowest WER.
+
+    One pass reads every exit of every utterance; each threshold's WER and mean cost are then simulated
+    exactly (MACs counted per exit; RTF measured per exit on this pass, on this machine).
+    """
+    runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
+                                    desc=f"{args.budget_set} all exits (budget)", nbest=args.exit_nbest)
+    exits = model.exits
+    audio_s = float(sum(c.duration for c in cuts)) or 1.0
+    kind, value = budget
+    costs = [macs[e] for e in exits] if kind == "macs" else [runs[e].encoder_seconds / audio_s for e in exits]
+    rows = []
+    for t in sweep_thresholds(traces, args.exit_strategy, points=64):
+        results, stats = simulate(traces, args.exit_strategy, t, exits, costs)
+        rows.append(dict(threshold=t, wer=word_error_rate(results)[0], cost=stats["macs_per_second"]))
+    try:
+        best = pick_under_budget(rows, value)
+    except ValueError as e:
+        raise DecodeSetupError(f"--exit-budget-{kind} on {args.budget_set}: {e}") from None
+    info = dict(budget_kind=kind, budget=value, budget_set=args.budget_set, dev_wer=best["wer"], dev_cost=best["cost"],
+                exit_costs={str(e): c for e, c in zip(exits, costs)})
+    logging.info(f"budget {kind} {value:.6g}: {args.exit_strategy} threshold {best['threshold']:.6g} gives "
+                 f"{best['wer']:.2f}% WER at cost {best['cost']:.6g} on {args.budget_set}")
+    return best["threshold"], info
 
 
 def _write_sweep(out_dir: Path, test_set: str, args, traces, exits, macs, json_path: Path, common: Dict) -> None:

@@ -235,3 +235,36 @@ def test_conflicting_exit_flags_are_refused(trained_an4, capsys):
     assert "needs --exit-strategy" in capsys.readouterr().err
     assert _decode(trained_an4, "--exit-strategy", "confidence") == 2
     assert "needs --exit-threshold" in capsys.readouterr().err
+
+
+def test_compute_budget_picks_a_threshold_that_meets_it_and_reports_the_cost_reached(trained_an4, tmp_path, capsys):
+    t = trained_an4
+    assert _decode(t, "--exit-layer", "all") == 0
+    fixed = {r["exit_layer"]: r for r in _runs(t).values() if r["kind"] == "fixed"}
+    budget = (fixed[2]["macs_per_second"] + fixed[6]["macs_per_second"]) / 2
+    assert _decode(t, "--exit-strategy", "entropy", "--exit-budget-macs", repr(budget), "--max-duration", "30") == 0
+    run = next(r for r in _runs(t).values() if r["kind"] == "budget" and r["budget_kind"] == "macs")
+    assert run["budget"] == budget and run["budget_set"] == "dev"
+    assert run["dev_cost"] <= budget
+    # the budget set is the test set here, so the real per-utterance run reaches exactly the simulated cost
+    assert run["achieved_cost"] == pytest.approx(run["dev_cost"], rel=1e-9)
+    assert run["wer"] == pytest.approx(run["dev_wer"], abs=1e-9)
+    assert run["achieved_cost"] <= budget
+    # with a looser budget the WER can only stay or improve (on the set the threshold was chosen on)
+    assert _decode(t, "--exit-strategy", "entropy", "--exit-budget-macs", repr(fixed[6]["macs_per_second"] * 1.01),
+                   "--max-duration", "30") == 0
+    loose = [r for r in _runs(t).values() if r["kind"] == "budget" and r["budget"] > budget][0]
+    assert loose["dev_wer"] <= run["dev_wer"]
+    # an impossible budget names the cheapest reachable cost
+    assert _decode(t, "--exit-strategy", "confidence", "--exit-budget-macs", "1") == 2
+    assert "cheapest reachable cost" in capsys.readouterr().err
+    # a real-time-factor budget is measured on this machine
+    assert _decode(t, "--exit-strategy", "posterior", "--exit-budget-rtf", "1.0", "--max-duration", "30") == 0
+    rtf = next(r for r in _runs(t).values() if r["kind"] == "budget" and r["budget_kind"] == "rtf")
+    assert 0 < rtf["dev_cost"] <= 1.0 and rtf["achieved_cost"] > 0
+    # compare.py lists the budget runs and marks them on the compute plot
+    from splitformer.compare import main as compare_main
+
+    assert compare_main([str(t["exp"]), "--names", "tiny", "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Compute budgets" in md and "| entropy | macs " in md

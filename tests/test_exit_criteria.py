@@ -91,3 +91,15 @@ def test_simulate_reads_the_chosen_criterion_and_counts_compute():
     thresholds = sweep_thresholds([tr], "posterior")
     assert thresholds[0] == 0.0 and thresholds[-1] == math.inf
     assert all(t not in tr.posterior for t in thresholds)
+
+
+def test_pick_under_budget_takes_the_lowest_wer_that_fits_and_names_the_cheapest_otherwise():
+    from splitformer.decoding.exits import pick_under_budget
+
+    rows = [dict(threshold=0.0, wer=10.0, cost=100.0), dict(threshold=0.5, wer=12.0, cost=60.0),
+            dict(threshold=0.7, wer=12.0, cost=50.0), dict(threshold=1.0, wer=30.0, cost=20.0)]
+    assert pick_under_budget(rows, 100.0)["threshold"] == 0.0
+    assert pick_under_budget(rows, 99.0)["threshold"] == 0.7  # WER tie: the cheaper one
+    assert pick_under_budget(rows, 20.0)["threshold"] == 1.0
+    with pytest.raises(ValueError, match="cheapest reachable cost is 20"):
+        pick_under_budget(rows, 19.9)

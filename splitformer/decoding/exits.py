@@ -153,6 +153,17 @@ def sweep_thresholds(traces: Sequence[UttTrace], strategy: str, points: int = 24
     return sorted(qs)
 
 
+def pick_under_budget(rows: Sequence[Dict[str, float]], budget: float) -> Dict[str, float]:
+    """The row (threshold, wer, cost) with the lowest WER among those whose cost is within ``budget``;
+    the cheaper one on a tie. Raises ValueError naming the cheapest reachable cost when none fits."""
+    fits = [r for r in rows if r["cost"] <= budget]
+    if not fits:
+        cheapest = min(r["cost"] for r in rows)
+        raise ValueError(f"no threshold meets the budget {budget:.6g}: the cheapest reachable cost is {cheapest:.6g} "
+                         "(every utterance at the first exit)")
+    return min(fits, key=lambda r: (r["wer"], r["cost"]))
+
+
 def iter_model_exits(model, features: torch.Tensor, feature_lens: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
     """(exit_layer, enc_out, enc_lens) one exit at a time; layers above the last one read are never
     run when the model offers ``iter_exits`` (stop iterating to stop computing)."""
