@@ -242,7 +242,8 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
                              f"{r['achieved_cost']:.4g} | {r['mean_exit_layer']:.2f} |")
         sweeps = [r for r in runs if r.get("kind") == "dynamic-sweep" and r["test_set"] == s]
         for r in sweeps:
-            lines += ["", f"Dynamic-exit sweep, {r['experiment']}, {_method(r)} (WER % at mean exit layer / MMACs/s):", ""]
+            lines += ["", f"Dynamic-exit sweep, {r['experiment']}, {_method(r)}, criteria read from the "
+                      f"{r.get('scorer', 'ctc')} outputs (WER % at mean exit layer / MMACs/s):", ""]
             for strategy, rows in sorted(r["curves"].items()):
                 pts = ", ".join(f"{p['wer']:.1f} @ {p['mean_exit_layer']:.1f} / {_mmacs(p['macs_per_second']):.1f}" for p in rows)
                 lines.append(f"- {strategy}: {pts}")
@@ -291,7 +292,7 @@ def plot(runs: Sequence[Dict], summary: Dict[Tuple, Dict], test_set: str, path: 
             for strategy, rows in sorted(r["curves"].items()):
                 rows = sorted(rows, key=lambda p: p["macs_per_second"])
                 ax2.plot([p["macs_per_second"] / 1e6 for p in rows], [p["wer"] for p in rows], linestyle="--",
-                         marker=".", label=f"{r['experiment']} / {_method(r)} / dynamic {strategy}")
+                         marker=".", label=f"{r['experiment']} / {_method(r)} / dynamic {strategy} ({r.get('scorer', 'ctc')})")
         if r.get("kind") == "dynamic" and r["test_set"] == test_set:
             ax2.scatter([r["macs_per_second"] / 1e6], [r["wer"]], marker="x", color="black")
         if r.get("kind") == "budget" and r["test_set"] == test_set:

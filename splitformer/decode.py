@@ -30,12 +30,12 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import torch
 
-from splitformer.decoding.exits import SCORED, STRATEGIES, parse_threshold, pick_under_budget, simulate, sweep_thresholds
+from splitformer.decoding.exits import SCORED, SCORERS, STRATEGIES, parse_threshold, pick_under_budget, simulate, sweep_thresholds
 from splitformer.decoding.loading import (DecodeSetupError, averaged_state, build_and_load, checkpoint_args,
                                          load_checkpoint_file, load_tokenizer)
 from splitformer.decoding.results import (update_results_json, utterance_errors, word_error_rate, write_error_stats,
                                          write_recogs)
-from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit
+from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit, default_scorer
 from splitformer.decoding.search import CTC_METHODS, METHODS
 
 
@@ -58,7 +58,11 @@ def get_parser() -> argparse.ArgumentParser:
                         "posterior: exit when the best of the N-best has posterior > T (paper 1's); "
                         "'sweep': simulate many thresholds for every criterion from one pass over all exits")
     p.add_argument("--exit-nbest", type=int, default=4,
-                   help="N of the CTC prefix beam whose scores the posterior criterion normalises over")
+                   help="N of the beam (CTC prefix beam, or the transducer's modified beam) whose scores the "
+                        "posterior criterion normalises over")
+    p.add_argument("--exit-scorer", type=str, default=None, choices=list(SCORERS),
+                   help="what the criteria read at each exit: its CTC head (default when the model has one) or its "
+                        "transducer (greedy-path posteriors, blank included; modified-beam N-best for posterior)")
     p.add_argument("--exit-budget-macs", type=float, default=None,
                    help="mean encoder MACs per second of audio the dynamic exits may spend; the --exit-strategy "
                         "threshold is chosen on --budget-set to meet it with the lowest WER")
@@ -95,6 +99,8 @@ def run_tag(args: argparse.Namespace, exit_part: str) -> str:
     tag = f"iter-{args.iter}_avg-{args.avg}" if args.iter > 0 else f"epoch-{args.epoch}_avg-{args.avg}"
     if args.use_averaged_model:
         tag += "_use-averaged-model"
+    if getattr(args, "exit_scorer", None) == "transducer" and not exit_part.isdigit() and exit_part != "all":
+        exit_part += "-scorer-transducer"  # dynamic runs read the transducer, not the CTC heads
     tag += f"_exit-{exit_part}_{args.decoding_method}"
     if args.decoding_method in ("modified_beam_search", "ctc_prefix_beam_search"):
         tag += f"_beam-{args.beam_size}"
@@ -184,8 +190,12 @@ def _run(args: argparse.Namespace) -> int:
             raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs --exit-threshold T, 'sweep', "
                                    "or a budget (--exit-budget-macs / --exit-budget-rtf)")
         threshold = parse_threshold(args.exit_threshold)
-    if (sweep or dynamic) and not model.use_ctc:
-        raise DecodeSetupError("dynamic exits read the CTC posteriors, but this model has no CTC head")
+    if args.exit_scorer == "ctc" and not model.use_ctc:
+        raise DecodeSetupError("--exit-scorer ctc reads the CTC heads, but this model has none; use --exit-scorer transducer")
+    if args.exit_scorer == "transducer" and not model.use_transducer:
+        raise DecodeSetupError("--exit-scorer transducer needs the transducer, but this model is CTC-only")
+    if args.exit_nbest < 1:
+        raise DecodeSetupError(f"--exit-nbest must be >= 1, got {args.exit_nbest}")
 
     if args.test_sets:
         test_sets = [s for s in args.test_sets.split(",") if s]
@@ -203,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     params = count_params(model)
     common = dict(exp_dir=str(args.exp_dir), preset=getattr(margs, "preset", None), method=args.decoding_method,
                   beam=args.beam_size, epoch=args.epoch, iter=args.iter, avg=args.avg, use_averaged_model=args.use_averaged_model,
-                  params=params, exits=exits)
+                  params=params, exits=exits, scorer=args.exit_scorer or default_scorer(model))
 
     # MACs per exit (counted on CPU, at each set's mean utterance length) before moving to the device.
     prepared = []
@@ -224,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
         json_path = out_dir / f"results-{test_set}.json"
         if sweep or args.exit_layer == "all":
             runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
-                                            desc=f"{test_set} all exits", nbest=args.exit_nbest)
+                                            desc=f"{test_set} all exits", nbest=args.exit_nbest, scorer=args.exit_scorer)
             rows = []
             for e, run in runs.items():
                 tag = run_tag(args, str(e))
@@ -245,7 +255,8 @@ def _run(args: argparse.Namespace) -> int:
                 _write_sweep(out_dir, test_set, args, traces, exits, macs, json_path, common)
         elif dynamic:
             run = decode_dynamic(model, loader, tokenizer, args.exit_strategy, threshold, args.decoding_method,
-                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}", nbest=args.exit_nbest)
+                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}", nbest=args.exit_nbest,
+                                 scorer=args.exit_scorer)
             if budget is None:
                 tag = run_tag(args, f"{args.exit_strategy}-{args.exit_threshold}")
             else:
@@ -303,7 +314,8 @@ def choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget
     exactly (MACs counted per exit; RTF measured per exit on this pass, on this machine).
     """
     runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
-                                    desc=f"{args.budget_set} all exits (budget)", nbest=args.exit_nbest)
+                                    desc=f"{args.budget_set} all exits (budget)", nbest=args.exit_nbest,
+                                    scorer=args.exit_scorer)
     exits = model.exits
     audio_s = float(sum(c.duration for c in cuts)) or 1.0
     kind, value = budget

@@ -1,4 +1,5 @@
-"""The AN4 recipe leaves the blank plateau within a few minutes.
+"""The AN4 recipe leaves the blank plateau within a few minutes, and the model it trains goes the whole
+way a user takes it: prepare.sh -> train.py -> decode.py -> export.py -> pretrained.py and onnxruntime.
 
 The old recipe (--max-duration 100, 34 updates an epoch) sat at a dev loss of ~0.9 per frame with every
 dev utterance decoded as blank for 15 epochs. Here a smaller model of the early-exit kind trains with the
@@ -6,6 +7,7 @@ very settings run.sh uses (read from run.sh, so that the test follows the recipe
 training set, and must get past that plateau: a dev loss under PLATEAU_LOSS at its top exit and dev
 greedy transcripts that are far from all blank (WER under PLATEAU_WER).
 """
+import json
 import re
 import shlex
 import subprocess
@@ -41,16 +43,76 @@ def an4_data(an4_dir, tmp_path_factory) -> Path:
     return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
 
 
-def test_recipe_leaves_the_blank_plateau(an4_data, tmp_path):
-    exp = tmp_path / "exp"
+@pytest.fixture(scope="module")
+def recipe_exp(an4_data, tmp_path_factory) -> Path:
+    """train.py with run.sh's settings on the small model, once for this module's tests."""
+    exp = tmp_path_factory.mktemp("recipe") / "exp"
     cmd = [sys.executable, str(REPO / "splitformer" / "train.py"), *SMALL, *recipe_args(),
            "--num-epochs", str(EPOCHS), "--exp-dir", str(exp), "--manifest-dir", str(an4_data / "fbank"),
            "--bpe-model", str(an4_data / "lang_bpe_30" / "bpe.model"), "--num-workers", "0",
            "--progress-bar", "false", "--tensorboard", "false"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    last = (exp / "log" / "epochs.txt").read_text().splitlines()[-1]
+    return exp
+
+
+def test_recipe_leaves_the_blank_plateau(recipe_exp):
+    last = (recipe_exp / "log" / "epochs.txt").read_text().splitlines()[-1]
     loss = float(re.search(r"exit4=([0-9.]+)", last.split("valid loss")[1]).group(1))
     wer = float(re.search(r"valid WER .*exit4=([0-9.]+)%", last).group(1))
     assert loss < PLATEAU_LOSS, last
     assert wer < PLATEAU_WER, last
+
+
+def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxruntime(recipe_exp, an4_data, tmp_path, capsys):
+    """decode.py's WER is what its recogs say (kaldialign, paired by cut id), and the same cut gets the same
+    words from decode.py (lhotse features), pretrained.py (raw audio) and examples/onnx_decode.py (onnxruntime,
+    torch barred), at every exit, from the one averaged model export.py writes."""
+    from lhotse import CutSet
+
+    from recogs import read_recogs, wer_from_recogs
+    from splitformer.decode import main as decode_main
+    from splitformer.export import main as export_main
+    from splitformer.pretrained import main as pretrained_main
+
+    bpe = an4_data / "lang_bpe_30" / "bpe.model"
+    avg = ["--epoch", str(EPOCHS), "--avg", "2", "--use-averaged-model"]
+    assert decode_main(["--exp-dir", str(recipe_exp), *avg, "--exit-layer", "all", "--test-sets", "test",
+                        "--manifest-dir", str(an4_data / "fbank"), "--bpe-model", str(bpe), "--num-threads", "1"]) == 0
+    runs = json.loads((recipe_exp / "greedy_search" / "results-test.json").read_text())["runs"]
+    out_dir = tmp_path / "export"
+    export_main(["--exp-dir", str(recipe_exp), *avg, "--exit-layer", "all", "--output-dir", str(out_dir),
+                 "--tokens", str(an4_data / "lang_bpe_30" / "tokens.txt")])
+    cuts = CutSet.from_file(an4_data / "fbank" / "an4_cuts_test.jsonl.gz").subset(first=24).to_eager()
+    files = [c.recording.sources[0].source for c in cuts]
+    for exit_layer in (2, 4):
+        tag = f"epoch-{EPOCHS}_avg-2_use-averaged-model_exit-{exit_layer}_greedy_search"
+        recogs = recipe_exp / "greedy_search" / f"recogs-test-{tag}.txt"
+        assert wer_from_recogs(recogs) == pytest.approx(runs[tag]["wer"], abs=1e-9)
+        _, hyps = read_recogs(recogs)
+        want = [" ".join(hyps[c.id]) for c in cuts]
+        assert sum(1 for w in want if w) >= len(want) // 2, want  # a model that says words: the checks bite
+
+        assert pretrained_main(["--checkpoint", str(out_dir / "pretrained.pt"), "--bpe-model", str(bpe),
+                                "--exit-layer", str(exit_layer), "--num-threads", "1", *files]) == 0
+        got = [ln.split("\t", 1)[1] for ln in capsys.readouterr().out.splitlines()]
+        assert got == want, exit_layer
+
+        for method in ("transducer", "ctc"):
+            script = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                      "runpy.run_path(sys.argv[0], run_name='__main__')")
+            r = subprocess.run([sys.executable, "-c", script, str(REPO / "examples" / "onnx_decode.py"),
+                                "--model-dir", str(out_dir), "--exit-layer", str(exit_layer), "--method", method, *files],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+            onnx = [ln.split("\t", 1)[1] for ln in r.stdout.splitlines()]
+            if method == "transducer":
+                assert onnx == want, exit_layer
+            else:  # the CTC file on its own, against decode.py's ctc_greedy_search
+                assert decode_main(["--exp-dir", str(recipe_exp), *avg, "--exit-layer", str(exit_layer),
+                                    "--decoding-method", "ctc_greedy_search", "--test-sets", "test",
+                                    "--manifest-dir", str(an4_data / "fbank"), "--bpe-model", str(bpe),
+                                    "--num-threads", "1"]) == 0
+                ctc_tag = f"epoch-{EPOCHS}_avg-2_use-averaged-model_exit-{exit_layer}_ctc_greedy_search"
+                _, ctc_hyps = read_recogs(recipe_exp / "ctc_greedy_search" / f"recogs-test-{ctc_tag}.txt")
+                assert onnx == [" ".join(ctc_hyps[c.id]) for c in cuts], exit_layer

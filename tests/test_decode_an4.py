@@ -10,6 +10,7 @@ import torch
 
 from splitformer.decode import main as decode_main
 from splitformer.decoding.loading import DecodeSetupError, averaged_state, build_and_load, checkpoint_args
+from recogs import wer_from_recogs
 from test_decoding_fixture import trained_an4  # noqa: F401  (fixture)
 
 torch.set_num_threads(1)  # the test machines are small and shared
@@ -26,22 +27,6 @@ def _decode(t, *extra, method="greedy_search"):
 
 def _runs(t, method="greedy_search"):
     return json.loads((t["exp"] / method / "results-dev.json").read_text())["runs"]
-
-
-def _wer_from_recogs(path: Path) -> float:
-    """WER (%) recomputed from a recogs file alone: refs and hyps paired by cut id, edits by kaldialign."""
-    import ast
-
-    import kaldialign
-
-    refs, hyps = {}, {}
-    for line in path.read_text().splitlines():
-        cut_id, _, field = line.partition(":\t")
-        kind, _, words = field.partition("=")
-        (refs if kind == "ref" else hyps)[cut_id] = ast.literal_eval(words)
-    assert refs and refs.keys() == hyps.keys()
-    errors = sum(kaldialign.edit_distance(refs[c], hyps[c])["total"] for c in refs)
-    return 100.0 * errors / sum(len(r) for r in refs.values())
 
 
 def _independent_exits(t, strategy: str, threshold: float) -> dict:
@@ -87,7 +72,7 @@ def test_sweep_of_all_exits_equals_each_exit_alone(trained_an4):
         assert alone and alone[0]["wer"] == sweep[e]["wer"]
         recogs = out / f"recogs-dev-epoch-2_avg-1_exit-{e}_greedy_search.txt"
         assert recogs.read_text() == sweep_recogs[e]
-        assert _wer_from_recogs(recogs) == pytest.approx(alone[0]["wer"], abs=1e-9)
+        assert wer_from_recogs(recogs) == pytest.approx(alone[0]["wer"], abs=1e-9)
     for r in sweep.values():
         assert r["num_utts"] == 100 and r["rtf_encoder"] > 0 and r["rtf_decode"] >= r["rtf_encoder"]
     assert sweep[2]["macs_per_second"] < sweep[4]["macs_per_second"] < sweep[6]["macs_per_second"]
@@ -268,3 +253,52 @@ def test_compute_budget_picks_a_threshold_that_meets_it_and_reports_the_cost_rea
     assert compare_main([str(t["exp"]), "--names", "tiny", "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Compute budgets" in md and "| entropy | macs " in md
+
+
+def test_transducer_scorer_reads_the_transducer_and_its_sweep_equals_a_real_run(trained_an4):
+    """--exit-scorer transducer: the criteria read the joiner's posteriors along the greedy path (and the
+    modified beam's N-best), by hand here for one utterance, and the sweep still equals a real dynamic run."""
+    import argparse
+
+    from splitformer.decode import load_model, test_loader
+    from splitformer.decoding.exits import model_exit_scores
+    from splitformer.decoding.search import greedy_search
+
+    t = trained_an4
+    args = argparse.Namespace(exp_dir=t["exp"], epoch=2, iter=0, avg=1, use_averaged_model=False)
+    model, _ = load_model(args)
+    loader, _ = test_loader(t["manifests"], "an4", "dev", 15)
+    batch = next(iter(loader))
+    feats, lens = batch["inputs"][:1], batch["supervisions"]["num_frames"][:1]
+    feats = feats[:, : int(lens[0])]
+    with torch.no_grad():
+        enc, enc_lens = model.encode(feats, lens, exit_layer=2)
+        scores = model_exit_scores(model, enc, enc_lens, 2, "transducer", nbest=4)
+        # by hand: follow the greedy path frame by frame, reading the joiner's posteriors
+        proj = model.project_encoder(enc, 2)
+        context = [-1] * (model.decoder.context_size - 1) + [model.blank_id]
+        ents, maxes = [], []
+        for f in range(int(enc_lens[0])):
+            dec = model.project_decoder(model.decoder(torch.tensor([context[-model.decoder.context_size:]]), need_pad=False))
+            p = model.joiner(proj[0, f:f + 1], dec[:, 0]).float().softmax(-1)[0]
+            ents.append(float(torch.distributions.Categorical(probs=p.double()).entropy()))
+            maxes.append(float(p.max()))
+            k = int(p.argmax())
+            if k != model.blank_id:
+                context.append(k)
+        assert context[model.decoder.context_size:] == greedy_search(model, proj, enc_lens)[0].tokens
+    assert scores["entropy"].item() == pytest.approx(sum(ents) / len(ents), rel=1e-4)
+    assert scores["confidence"].item() == pytest.approx(sum(maxes) / len(maxes), rel=1e-4)
+    assert 0 < scores["posterior"].item() <= 1
+
+    assert _decode(t, "--exit-threshold", "sweep", "--exit-scorer", "transducer", "--max-duration", "30") == 0
+    sweep = _runs(t)["epoch-2_avg-1_exit-sweep-scorer-transducer_greedy_search"]
+    assert sweep["scorer"] == "transducer"
+    point = min(sweep["curves"]["confidence"], key=lambda r: abs(r["mean_exit_layer"] - 4))
+    assert 2 < point["mean_exit_layer"] < 6
+    thr = repr(point["threshold"])
+    assert _decode(t, "--exit-strategy", "confidence", "--exit-threshold", thr, "--exit-scorer", "transducer",
+                   "--max-duration", "30") == 0
+    real = _runs(t)[f"epoch-2_avg-1_exit-confidence-{thr}-scorer-transducer_greedy_search"]
+    assert real["mean_exit_layer"] == pytest.approx(point["mean_exit_layer"], abs=1e-9)
+    assert real["wer"] == pytest.approx(point["wer"], abs=1e-9)

@@ -6,6 +6,7 @@ import torch
 
 from splitformer.decoding.audio import fbank, file_features, resample
 from splitformer.pretrained import main as pretrained_main
+from recogs import read_recogs
 from test_decoding_fixture import an4_utterances, trained_an4  # noqa: F401  (fixture)
 
 torch.set_num_threads(1)  # the test machines are small and shared
@@ -132,8 +133,6 @@ def test_files_from_and_output_tsv(trained_an4, an4_dir, tmp_path, capsys):
 def test_averaged_model_comes_from_export_and_decodes_as_decode_py(trained_an4, an4_dir, tmp_path, capsys):
     """icefall's way: export.py writes the average of the last epochs; pretrained.py on it gives decode.py's
     hypotheses. The whole-run model_avg of an epoch-N.pt is refused."""
-    import ast
-
     from splitformer.decode import main as decode_main
     from splitformer.export import main as export_main
 
@@ -147,11 +146,8 @@ def test_averaged_model_comes_from_export_and_decodes_as_decode_py(trained_an4, 
                         "--exit-layer", "4", "--manifest-dir", str(t["manifests"]), "--bpe-model", str(t["bpe"]),
                         "--test-sets", "dev", "--num-threads", "1"]) == 0
     recogs = t["exp"] / "greedy_search" / "recogs-dev-epoch-2_avg-1_use-averaged-model_exit-4_greedy_search.txt"
-    want = {}
-    for line in recogs.read_text().splitlines():
-        cut_id, _, field = line.partition(":\t")
-        if field.startswith("hyp="):
-            want[cut_id.rsplit("-", 1)[0]] = " ".join(ast.literal_eval(field[4:]))  # cut id = recording id-N
+    _, hyps = read_recogs(recogs)
+    want = {cut_id.rsplit("-", 1)[0]: " ".join(words) for cut_id, words in hyps.items()}  # cut id = recording id-N
     utts = an4_utterances(an4_dir, 20)
     assert _run(t, [p for _, p, _ in utts], "--exit-layer", "4", checkpoint=out_dir / "pretrained.pt") == 0
     got = [ln.split("\t", 1)[1] for ln in capsys.readouterr().out.splitlines()]

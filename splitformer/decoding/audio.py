@@ -5,12 +5,14 @@ resampled to 16 kHz with lhotse's torch resampler (no torchaudio), and turned in
 filterbanks with kaldi-native-fbank set up like lhotse's default ``FbankConfig`` (dither 0,
 snip_edges False, povey window, 20 Hz..-400 Hz, energy floor 1e-10); the features agree with
 lhotse's to ~1e-4 (tests/test_pretrained.py checks 1e-3).
+
+Nothing here imports torch until it resamples, so that torch-free deployments (examples/onnx_decode.py)
+compute the very same features.
 """
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
-import torch
 
 SAMPLE_RATE = 16000
 NUM_BINS = 80
@@ -49,6 +51,7 @@ def read_audio(path: Path) -> Tuple[np.ndarray, int]:
 def resample(samples: np.ndarray, sr: int, target: int = SAMPLE_RATE) -> np.ndarray:
     if sr == target or samples.size == 0:
         return samples
+    import torch
     from lhotse.augmentation.resample import Resample
 
     with torch.no_grad():

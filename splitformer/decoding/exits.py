@@ -1,7 +1,8 @@
 """Dynamic exit selection (Wright et al. 2023): climb the exits and stop at the first one whose
-CTC posteriors look confident enough.
+outputs look confident enough.
 
-Criteria, computed on the CTC posteriors of an exit, over the utterance's valid frames:
+Criteria, computed over the utterance's valid frames on the posteriors of an exit: its CTC head's
+(``--exit-scorer ctc``) or its transducer's along the greedy path, blank included (``transducer``):
 
 - ``entropy``: mean frame entropy (nats) of the posteriors; exit when it is **below** the threshold.
   Threshold 0 never exits early (entropy >= 0), so it gives the last exit; threshold +inf gives the first.
@@ -48,11 +49,49 @@ def nbest_posterior(log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4,
     exp(s_1 - logsumexp(s_1..s_N)) (1 for an empty utterance, whose only hypothesis is the empty one)."""
     from splitformer.decoding.search import ctc_prefix_beam_nbest
 
+    return _share_of_best(ctc_prefix_beam_nbest(log_probs, lens, beam=nbest, blank_id=blank_id))
+
+
+SCORERS = ("ctc", "transducer")
+
+
+def _share_of_best(nbests) -> torch.Tensor:
+    """Per utterance, exp(s_1 - logsumexp(s)) over its N-best scores (best first)."""
     out = []
-    for hyps in ctc_prefix_beam_nbest(log_probs, lens, beam=nbest, blank_id=blank_id):
+    for hyps in nbests:
         scores = torch.tensor([h.log_prob for h in hyps], dtype=torch.float64)
         out.append(math.exp(float(scores[0] - torch.logsumexp(scores, 0))))
     return torch.tensor(out, dtype=torch.float64)
+
+
+def model_exit_scores(model, enc: torch.Tensor, enc_lens: torch.Tensor, exit_layer: int, scorer: str = "ctc",
+                      nbest: int = 4, strategies: Sequence[str] = SCORED) -> Dict[str, torch.Tensor]:
+    """(B,) score of each criterion in ``strategies`` at one exit, read from that exit's outputs.
+
+    ``scorer="ctc"`` reads the exit's CTC head; ``"transducer"`` reads the transducer itself: the joiner's
+    per-frame posteriors over blank and the tokens along the greedy path (entropy, confidence), and the
+    N-best of its modified beam search (posterior). The transducer is what decodes, so its confidence is
+    the one that says whether this exit's answer is good; the CTC head is a cheaper, weaker proxy.
+    """
+    from splitformer.decoding.search import greedy_search_with_posteriors, modified_beam_nbest
+
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown exit scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    out: Dict[str, torch.Tensor] = {}
+    if scorer == "ctc":
+        lp = model.ctc_log_probs(enc, exit_layer)
+        lens = enc_lens
+    else:
+        proj = model.project_encoder(enc, exit_layer)
+        lp, lens = None, enc_lens
+        if any(s in strategies for s in ("entropy", "confidence")):
+            _, lp = greedy_search_with_posteriors(model, proj, enc_lens)
+    for s in strategies:
+        if s == "posterior" and scorer == "transducer":
+            out[s] = _share_of_best(modified_beam_nbest(model, proj, enc_lens, nbest))
+        else:
+            out[s] = exit_score(s, lp, lens, nbest, model.blank_id)
+    return out
 
 
 def _masked_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

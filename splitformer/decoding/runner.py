@@ -11,9 +11,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from splitformer.decoding.exits import (
-    UttTrace, exit_score, iter_model_exits, mean_entropy, mean_max_posterior, nbest_posterior, stops,
-)
+from splitformer.decoding.exits import UttTrace, iter_model_exits, model_exit_scores, stops
 from splitformer.decoding.search import run_search
 
 Result = Tuple[str, List[str], List[str]]
@@ -84,19 +82,25 @@ def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: in
     return run
 
 
+def default_scorer(model) -> str:
+    """The CTC heads when the model has them (cheap), else the transducer."""
+    return "ctc" if model.use_ctc else "transducer"
+
+
 @torch.no_grad()
 def decode_all_exits(
     model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: Optional[str] = "all exits",
-    nbest: int = 4,
+    nbest: int = 4, scorer: Optional[str] = None,
 ) -> Tuple[Dict[int, ExitRun], List[UttTrace]]:
     """Runs the encoder once per batch up to the top, decoding every exit on the way.
 
     The encoder time of exit k is the time the encoder took to reach it; its decode time adds that
-    exit's search only. Also returns, per utterance, every exit's hypothesis and CTC entropy,
-    confidence and ``nbest`` posterior (when the model has CTC heads), from which dynamic exits are
-    simulated.
+    exit's search only. Also returns, per utterance, every exit's hypothesis and its entropy,
+    confidence and ``nbest`` posterior as ``scorer`` reads them (default: the CTC heads when the model
+    has them), from which dynamic exits are simulated.
     """
     exits = model.exits
+    scorer = scorer or default_scorer(model)
     runs = {e: ExitRun() for e in exits}
     traces: List[UttTrace] = []
     for batch in _bar(loader, desc):
@@ -122,11 +126,10 @@ def decode_all_exits(
             words = _words(tokenizer, hyps)
             run.results.extend(zip(ids, refs, words))
             per_exit_words.append(words)
-            if model.use_ctc:
-                lp = model.ctc_log_probs(enc, exit_layer)
-                ent.append(mean_entropy(lp, enc_lens).tolist())
-                conf.append(mean_max_posterior(lp, enc_lens).tolist())
-                post.append(nbest_posterior(lp, enc_lens, nbest, model.blank_id).tolist())
+            scores = model_exit_scores(model, enc, enc_lens, exit_layer, scorer, nbest)
+            ent.append(scores["entropy"].tolist())
+            conf.append(scores["confidence"].tolist())
+            post.append(scores["posterior"].tolist())
         for i, cut_id in enumerate(ids):
             traces.append(UttTrace(
                 cut_id=cut_id, duration=durs[i], ref=refs[i],
@@ -139,13 +142,12 @@ def decode_all_exits(
 @torch.no_grad()
 def decode_dynamic(
     model, loader, tokenizer, strategy: str, threshold: float, method: str, beam: int, device: torch.device,
-    desc: Optional[str] = "dynamic exits", nbest: int = 4,
+    desc: Optional[str] = "dynamic exits", nbest: int = 4, scorer: Optional[str] = None,
 ) -> DynamicRun:
     """Per utterance (batch size 1, so that no layer runs for an utterance that has stopped):
     climb the exits, stop at the first whose CTC posteriors pass the criterion, decode there.
     The layers above that exit are never computed."""
-    if not model.use_ctc:
-        raise RuntimeError("dynamic exits read the CTC posteriors, but this model has no CTC head")
+    scorer = scorer or default_scorer(model)
     run = DynamicRun()
     last = model.exits[-1]
     for batch in _bar(loader, desc):
@@ -162,8 +164,8 @@ def decode_dynamic(
                 enc_time += _clock(device) - t1
                 if exit_layer == last:
                     break
-                lp = model.ctc_log_probs(enc, exit_layer)
-                if stops(strategy, float(exit_score(strategy, lp, enc_lens, nbest, model.blank_id)[0]), threshold):
+                score = model_exit_scores(model, enc, enc_lens, exit_layer, scorer, nbest, strategies=(strategy,))
+                if stops(strategy, float(score[strategy][0]), threshold):
                     break
             gen.close()  # the layers above are not computed
             hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)

@@ -11,7 +11,7 @@ so greedy and beam search explore the same lattice and their scores are comparab
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,15 @@ def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tens
     enc_proj: (B, T, J) projected encoder output; enc_lens: (B,). Frames past an utterance's
     length are skipped for that utterance only.
     """
+    return greedy_search_with_posteriors(model, enc_proj, enc_lens)[0]
+
+
+@torch.no_grad()
+def greedy_search_with_posteriors(
+    model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor
+) -> Tuple[List[Hyp], torch.Tensor]:
+    """:func:`greedy_search`, and the joiner's (B, T, V) log-posteriors over blank and the tokens at each
+    frame of the greedy path (zeros past an utterance's length): what the transducer exit scorer reads."""
     B, T, _ = enc_proj.shape
     blank = model.blank_id
     cs = model.decoder.context_size
@@ -53,6 +62,7 @@ def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tens
     scores = torch.zeros(B, dtype=torch.float64)
     dec = _decoder_proj(model, contexts, device)  # (B, J)
     lens = enc_lens.tolist()
+    path: Optional[torch.Tensor] = None
     for t in range(T):
         active = [b for b in range(B) if t < lens[b]]
         if not active:
@@ -60,6 +70,9 @@ def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tens
         idx = torch.tensor(active, device=device)
         logits = model.joiner(enc_proj[idx, t], dec[idx])  # (A, V)
         logp = logits.float().log_softmax(-1)
+        if path is None:
+            path = torch.zeros(B, T, logp.size(-1), dtype=logp.dtype, device=device)
+        path[idx, t] = logp
         best_lp, best = logp.max(-1)
         scores[idx.cpu()] += best_lp.double().cpu()
         emitted = []
@@ -71,7 +84,9 @@ def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tens
                 emitted.append(b)
         if emitted:
             dec[emitted] = _decoder_proj(model, [contexts[b] for b in emitted], device)
-    return [Hyp(tokens[b], float(scores[b])) for b in range(B)]
+    if path is None:
+        path = torch.zeros(B, T, model.vocab_size, device=device)
+    return [Hyp(tokens[b], float(scores[b])) for b in range(B)], path
 
 
 @torch.no_grad()
@@ -84,6 +99,14 @@ def modified_beam_search(
     every frame each utterance keeps its ``beam`` best (hypothesis, token) extensions, and
     extensions that land on the same token sequence are merged with log-add.
     """
+    return [nbest[0] for nbest in modified_beam_nbest(model, enc_proj, enc_lens, beam)]
+
+
+@torch.no_grad()
+def modified_beam_nbest(
+    model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor, beam: int = 4
+) -> List[List[Hyp]]:
+    """The final beam of :func:`modified_beam_search` per utterance, best first."""
     B, T, _ = enc_proj.shape
     blank = model.blank_id
     cs = model.decoder.context_size
@@ -121,11 +144,7 @@ def modified_beam_search(
                 new[ys] = lp if old is None else _logaddexp(old, lp)
             beams[b] = new
             start += n
-    out = []
-    for b in range(B):
-        ys, lp = max(beams[b].items(), key=lambda kv: kv[1])
-        out.append(Hyp(list(ys[cs:]), lp))
-    return out
+    return [[Hyp(list(ys[cs:]), lp) for ys, lp in sorted(beams[b].items(), key=lambda kv: -kv[1])] for b in range(B)]
 
 
 def _logaddexp(a: float, b: float) -> float:

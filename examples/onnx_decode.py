@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Decode audio at a chosen exit with onnxruntime alone: no torch, the files export.py writes.
+
+    ./splitformer/export.py --exp-dir exp/ee-zipformer-cpu --epoch 12 --avg 4 --use-averaged-model \\
+        --tokens data/lang_bpe_30/tokens.txt --int8
+    python examples/onnx_decode.py --model-dir exp/ee-zipformer-cpu/onnx --exit-layer 6 a.wav b.wav
+    python examples/onnx_decode.py --model-dir ... --exit-layer 6 --method ctc --int8 a.wav
+
+Prints ``<file>\\t<transcript>`` per file. ``--method transducer`` (the default) runs
+``encoder-exit<N>.onnx`` + ``decoder.onnx`` + ``joiner.onnx`` with greedy search, one symbol per frame
+(as decode.py's ``greedy_search``); ``--method ctc`` runs ``ctc-exit<N>.onnx`` alone. Only the layers up to
+exit N are in those files, so the layers above it never run.
+
+Needs numpy, soundfile, kaldi-native-fbank and onnxruntime (scipy to resample audio that is not 16 kHz),
+and the features of splitformer.decoding.audio, which import no torch.
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from splitformer.decoding.audio import SAMPLE_RATE, fbank  # noqa: E402  (torch-free)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True, help="export.py's output directory")
+    p.add_argument("--exit-layer", type=int, required=True, help="the exit to decode at (encoder-exit<N>.onnx)")
+    p.add_argument("--method", choices=["transducer", "ctc"], default="transducer")
+    p.add_argument("--int8", action="store_true", help="use the *.int8.onnx files")
+    p.add_argument("--tokens", type=Path, default=None, help="default: <model-dir>/tokens.txt")
+    p.add_argument("sound_files", nargs="+", type=Path)
+    return p
+
+
+def read_tokens(path: Path) -> Dict[int, str]:
+    """tokens.txt: '<piece> <id>' per line."""
+    table = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            piece, idx = line.rsplit(maxsplit=1)
+            table[int(idx)] = piece
+    return table
+
+
+def to_text(ids: List[int], tokens: Dict[int, str]) -> str:
+    """Pieces joined, word boundaries ('\u2581') as single spaces, as sentencepiece decodes them."""
+    return " ".join("".join(tokens[i] for i in ids).replace("\u2581", " ").split())
+
+
+def features(path: Path) -> np.ndarray:
+    """(T, 80) float32 log-mel features of a file, mixed to mono and resampled to 16 kHz."""
+    import soundfile as sf
+
+    samples, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1)
+    if sr != SAMPLE_RATE:
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        g = gcd(sr, SAMPLE_RATE)
+        samples = resample_poly(samples, SAMPLE_RATE // g, sr // g).astype(np.float32)
+    return fbank(samples)
+
+
+class Session:
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise SystemExit(f"onnx_decode.py: {path} does not exist (did export.py write this exit?)")
+        opts = ort.SessionOptions()
+        opts.inter_op_num_threads = opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.meta = self.sess.get_modelmeta().custom_metadata_map
+
+    def __call__(self, *inputs: np.ndarray) -> List[np.ndarray]:
+        names = [i.name for i in self.sess.get_inputs()]
+        return self.sess.run(None, dict(zip(names, inputs)))
+
+
+def ctc_greedy(log_probs: np.ndarray, blank: int) -> List[int]:
+    out, prev = [], blank
+    for t in log_probs.argmax(-1).tolist():
+        if t != blank and t != prev:
+            out.append(t)
+        prev = t
+    return out
+
+
+def transducer_greedy(enc: np.ndarray, decoder: Session, joiner: Session, context: int, blank: int) -> List[int]:
+    """Greedy search over projected encoder frames (T, J), at most one symbol per frame."""
+    hyp = [blank] * context
+    dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
+    for t in range(enc.shape[0]):
+        tok = int(joiner(enc[t:t + 1], dec)[0].argmax(-1)[0])
+        if tok != blank:
+            hyp.append(tok)
+            dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
+    return hyp[context:]
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    suffix = ".int8.onnx" if args.int8 else ".onnx"
+    d = args.model_dir
+    tokens = read_tokens(args.tokens or d / "tokens.txt")
+    if args.method == "ctc":
+        model = Session(d / f"ctc-exit{args.exit_layer}{suffix}")
+    else:
+        model = Session(d / f"encoder-exit{args.exit_layer}{suffix}")
+        decoder, joiner = Session(d / f"decoder{suffix}"), Session(d / f"joiner{suffix}")
+        context = int(decoder.meta.get("context_size", 2))
+    blank = int(model.meta.get("blank_id", 0))
+    for f in args.sound_files:
+        x = features(f)
+        out, out_lens = model(x[None], np.array([x.shape[0]], dtype=np.int64))
+        n = int(out_lens[0])
+        if args.method == "ctc":
+            ids = ctc_greedy(out[0, :n], blank)
+        else:
+            ids = transducer_greedy(out[0, :n], decoder, joiner, context, blank)
+        print(f"{f}\t{to_text(ids, tokens)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
