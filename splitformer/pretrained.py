@@ -139,7 +139,7 @@ def transcribe(model, tokenizer, files: Sequence[Path], exit_layer: Optional[int
         feats = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for _, x in batch], batch_first=True)
         enc, enc_lens = model.encode(feats, lens, exit_layer=layer)
         for (i, _), h in zip(batch, run_search(model, method, enc, enc_lens, layer, beam)):
-            out[i].text = tokenizer.decode(h.tokens) if h.tokens else ""
+            out[i].text = " ".join(tokenizer.decode(h.tokens).split()) if h.tokens else ""  # one space between words
         while next_out <= batch[-1][0]:  # every file up to this batch's last one is settled
             yield out.pop(next_out)
             next_out += 1

@@ -31,6 +31,8 @@ class Decoder(nn.Module):
         With ``need_pad`` the first outputs see left-padding (start of utterance); without it,
         ``y`` must already hold ``context_size`` tokens per row and one output frame comes back.
         """
+        if not need_pad:
+            y = _start_as_padding(y, self.blank_id)
         mask = (y >= 0).unsqueeze(-1)
         emb = self.embedding(y.clamp(min=0)) * mask
         if self.conv is not None:
@@ -41,3 +43,18 @@ class Decoder(nn.Module):
                 raise ValueError(f"need_pad=False expects {self.context_size} tokens per row, got {emb.size(-1)}")
             emb = self.conv(emb).transpose(1, 2)
         return F.relu(emb)
+
+
+def _start_as_padding(y: torch.Tensor, blank_id: int) -> torch.Tensor:
+    """Contexts that open with a run of blanks are the start of an utterance: all but the last blank of that
+    run become padding (-1).
+
+    Our searches start from ``[-1, ..., -1, blank]`` (padding, then the start symbol), as training sees the
+    first position; sherpa-onnx and k2 start from ``[blank] * context_size``. A real context never holds a
+    blank (blanks are never appended), so reading the leading run this way lets both start alike, and the
+    exported decoder.onnx agrees with sherpa-onnx from the first token on.
+    """
+    run = (y != blank_id).long().cumsum(dim=-1) == 0  # True while the leading run of blanks lasts (ONNX has CumSum)
+    keep_last = run.long().sum(dim=-1, keepdim=True) - 1  # index of the run's last blank
+    idx = torch.arange(y.size(-1), device=y.device)
+    return y.masked_fill(run & (idx < keep_last), -1)
