@@ -4,7 +4,6 @@ Each encoder type on the branch gets a tiny model, saved as fake epoch checkpoin
 exported once per module, and compared with PyTorch through onnxruntime.
 """
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import onnx  # noqa: F401  (requirements.txt: a missing package must fail, not skip)
-import onnxruntime as ort
+import onnxruntime  # noqa: F401
 
 from splitformer.checkpoint import average_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
 from splitformer.model.config import build_model, default_model_args, model_args_dict  # noqa: E402

@@ -1,7 +1,6 @@
 """Shared pieces of the training tests: a tiny prepared AN4 subset, a tiny model, and a
 helper that runs ``./splitformer/train.py`` as a subprocess.  Also unit tests of the
 trainer's pure helpers (loss warm-up, metrics, guards)."""
-import gzip
 import math
 import os
 import subprocess

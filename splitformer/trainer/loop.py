@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from splitformer.trainer import parts
 from splitformer.trainer.arguments import model_args_dict, plain
 from splitformer.trainer.diagnostics import ModuleDiagnostics, register_inf_check
-from splitformer.trainer.distributed import DistContext, any_true, barrier, gather
+from splitformer.trainer.distributed import DistContext, any_true, gather
 from splitformer.trainer.guards import (BadBatchGuard, TrainingError, batch_info, check_max_duration,
                                         grads_finite, is_oom)
 from splitformer.trainer.objective import Metrics, combine_losses, encoder_frames, warmup_scales

@@ -1,7 +1,7 @@
 """Training objective: icefall's warm-up of the simple/pruned loss weights, CTC, and the
 weighted sum over exits; plus the running metrics that are logged per frame."""
 from collections import defaultdict
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -3,9 +3,8 @@ checkpoint I/O, averaging).  Keeping the calls here makes the loop independent o
 their constructors' details."""
 import argparse
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict
 
-import torch
 from torch import nn
 
 
