@@ -7,7 +7,8 @@
 Writes into ``--output-dir`` (default ``<exp-dir>/onnx``), for every exit N asked for:
 ``encoder-exitN.onnx`` (features -> joiner-ready encoder output; only layers <= N run) and
 ``ctc-exitN.onnx`` (features -> CTC log-probs), plus ``decoder.onnx``, ``joiner.onnx`` (shared by all exits),
-``tokens.txt``, ``*.int8.onnx`` with ``--int8``, and ``pretrained.pt`` (averaged weights + model flags) with
+``tokens.txt``, ``*.int8.onnx`` with ``--int8``, ``stem.onnx`` + ``block<i>.onnx`` with ``--blocks true`` (one
+block per exit, for dynamic exits in deployment), and ``pretrained.pt`` (averaged weights + model flags) with
 ``--pretrained true`` (the default). ``--onnx false`` writes only ``pretrained.pt``. Zipformer-layer encoders
 accept inputs of up to ``--max-frames`` frames (default 12000, two minutes).
 See splitformer/onnx_export.py for the exact inputs, outputs and metadata of each file.
@@ -52,6 +53,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES,
                    help="longest input (10 ms frames) the encoders must take; Zipformer layers' position tables grow with it")
     p.add_argument("--check", type=str2bool, default=True, help="compare every ONNX file with PyTorch after export")
+    p.add_argument("--blocks", type=str2bool, default=False,
+                   help="also write the per-block form (stem.onnx, block<i>.onnx) for dynamic exits in deployment: "
+                        "a driver runs block after block and stops at the first confident exit")
     return p
 
 
@@ -78,7 +82,7 @@ def _export(args: argparse.Namespace) -> List[Path]:
     if args.onnx:
         exits = parse_exits(args.exit_layer, model.exits)
         res = export_model(model, flags, out_dir, exits, opset=args.opset, int8=args.int8, tokens=args.tokens,
-                           check=args.check, max_frames=args.max_frames)
+                           check=args.check, max_frames=args.max_frames, blocks=args.blocks)
         written += list(res.files.values())
     if args.pretrained:
         p = save_pretrained(out_dir / "pretrained.pt", state, flags)

@@ -111,6 +111,45 @@ class JoinerStep(nn.Module):
 
 
 # ---------------------------------------------------------------- trace-friendly replacements
+class Stem(nn.Module):
+    """Features -> the early-exit stack's input state (front end, feature normalisation, input projection and
+    downsampling): the first file of the per-block form."""
+
+    def __init__(self, model: AsrModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor]:
+        h, lens = self.model.encoder_embed(self.model.normalize(x), x_lens)
+        return self.model.encoder.prepare(h, lens)
+
+
+class Block(nn.Module):
+    """State -> (next state, this exit's joiner-ready output and/or CTC log-probs): one block of the stack,
+    so that a deployment runs block after block and stops at the first confident exit."""
+
+    def __init__(self, model: AsrModel, block: int) -> None:
+        super().__init__()
+        self.model = model
+        self.block = block
+        self.exit_layer = model.exits[block]
+
+    def forward(self, h: Tensor, h_lens: Tensor) -> Tuple[Tensor, ...]:
+        enc = self.model.encoder
+        mask, pos_emb = enc.block_context(h, h_lens)
+        nxt, out = enc.run_block(self.block, h, h_lens, mask, pos_emb)
+        outs = [nxt]
+        if self.model.use_transducer:
+            outs.append(self.model.project_encoder(out, self.exit_layer))
+        if self.model.use_ctc:
+            outs.append(self.model.ctc_log_probs(out, self.exit_layer))
+        return tuple(outs)
+
+
+def block_output_names(model: AsrModel) -> List[str]:
+    return ["next"] + (["encoder_out"] if model.use_transducer else []) + (["log_probs"] if model.use_ctc else [])
+
+
 def gather_rel_shift(scores: Tensor) -> Tensor:
     """``(..., T, 2T-1)`` relative-position scores -> ``(..., T, T)`` by key, with a gather (exportable).
 
@@ -366,6 +405,70 @@ def export_ctc(model: AsrModel, args: Mapping[str, Any], exit_layer: int, path: 
     return path
 
 
+def export_blocks(model: AsrModel, args: Mapping[str, Any], out_dir: Path, opset: int, example: Tuple[Tensor, Tensor],
+                  lengths: Sequence[Sequence[int]], check: bool, tolerance: float, extra_meta: Mapping[str, Any],
+                  log: Callable[[str], None]) -> Dict[str, Path]:
+    """The per-block form of an early-exit model: ``stem.onnx`` (``x, x_lens -> h, h_lens``) and ``block<i>.onnx``
+    (``h, h_lens -> next, [encoder_out], [log_probs]``), one per exit. A driver runs the stem, then block after block,
+    and stops at the first confident exit: the blocks above it never run (examples/onnx_decode.py
+    ``--exit-strategy``). Checked against the per-exit encoders of PyTorch at the export lengths."""
+    if not hasattr(model.encoder, "run_block"):
+        raise ExportError("--blocks needs an early-exit encoder (a one-rate stack with exits); this one has a single exit")
+    files: Dict[str, Path] = {}
+    stem = Stem(model).eval()
+    path = out_dir / "stem.onnx"
+    _export(stem, example, path, ["x", "x_lens"], ["h", "h_lens"], _feature_axes("h", "h_lens"), opset)
+    add_metadata(path, dict(common_metadata(model, args), model_type="splitformer_stem", num_blocks=len(model.exits),
+                            **extra_meta))
+    files["stem"] = path
+    with torch.no_grad():
+        h, h_lens = stem(*example)
+    names = block_output_names(model)
+    axes = {"h": {0: "N", 1: "T"}, "h_lens": {0: "N"}, **{n: {0: "N", 1: "T"} for n in names}}
+    for b, e in enumerate(model.exits):
+        path = out_dir / f"block{b}.onnx"
+        _export(Block(model, b).eval(), (h, h_lens), path, ["h", "h_lens"], names, axes, opset)
+        add_metadata(path, dict(common_metadata(model, args), model_type="splitformer_block", block=b, exit_layer=e,
+                                context_size=model.decoder.context_size, **extra_meta))
+        files[f"block{b}"] = path
+        with torch.no_grad():
+            h = Block(model, b).eval()(h, h_lens)[0]
+    if check:
+        d = compare_blocks(model, files, lengths)
+        if d > tolerance:
+            raise ExportError(f"the per-block ONNX files differ from PyTorch by {d:.3g} (> {tolerance})")
+        log(f"stem.onnx + block*.onnx: max |onnx - torch| = {d:.3g} over input lengths {lengths}")
+    return files
+
+
+def compare_blocks(model: AsrModel, files: Mapping[str, Path], lengths: Sequence[Sequence[int]], seed: int = 1) -> float:
+    """Run stem and blocks in onnxruntime, and compare every exit's outputs with PyTorch's per-exit encoders."""
+    stem = ort_session(files["stem"])
+    blocks = [ort_session(files[f"block{b}"]) for b in range(len(model.exits))]
+    names = block_output_names(model)
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for lens in lengths:
+        x = torch.randn(len(lens), max(lens), FEATURE_DIM, generator=g)
+        x_lens = torch.tensor(list(lens), dtype=torch.int64)
+        h, h_lens = stem.run(None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
+        for b, e in enumerate(model.exits):
+            outs = dict(zip(names, blocks[b].run(None, {"h": h, "h_lens": h_lens})))
+            h = outs["next"]
+            refs = {}
+            with torch.no_grad():
+                if model.use_transducer:
+                    refs["encoder_out"], ref_lens = EncoderExit(model, e)(x, x_lens)
+                if model.use_ctc:
+                    refs["log_probs"], ref_lens = CtcExit(model, e)(x, x_lens)
+            if not np.array_equal(h_lens, ref_lens.numpy()):
+                raise ExportError(f"per-block lengths {h_lens.tolist()} != PyTorch's {ref_lens.tolist()}")
+            for name, ref in refs.items():
+                for i, n in enumerate(ref_lens.tolist()):
+                    worst = max(worst, max_abs_diff(outs[name][i, :n], ref[i, :n].numpy()))
+    return worst
+
+
 def export_decoder(model: AsrModel, path: Path, opset: int) -> Path:
     ctx = model.decoder.context_size
     y = torch.tensor([[0] * ctx, list(range(1, ctx + 1))], dtype=torch.int64) % model.vocab_size
@@ -435,7 +538,8 @@ def count_tokens(tokens: Path) -> int:
 
 def export_model(model: AsrModel, args: Mapping[str, Any], out_dir: Path, exits: Sequence[int], opset: int = DEFAULT_OPSET,
                  int8: bool = False, tokens: Optional[Path] = None, check: bool = True, tolerance: float = 1e-3,
-                 max_frames: int = DEFAULT_MAX_FRAMES, log: Callable[[str], None] = logging.info) -> ExportResult:
+                 max_frames: int = DEFAULT_MAX_FRAMES, log: Callable[[str], None] = logging.info,
+                 blocks: bool = False) -> ExportResult:
     """Export ``model`` (eval mode is set here) for ``exits`` into ``out_dir``; see the module docstring.
 
     ``max_frames``: the longest input (feature frames, 100 per second) the encoders must accept; only
@@ -473,6 +577,8 @@ def export_model(model: AsrModel, args: Mapping[str, Any], out_dir: Path, exits:
         if model.use_ctc:
             p = export_ctc(model, args, e, out_dir / f"ctc-exit{e}.onnx", opset, example, extra)
             record(p.stem, p, CtcExit(model, e))
+    if blocks:
+        res.files.update(export_blocks(model, args, out_dir, opset, example, lengths, check, tolerance, extra, log))
     if model.use_transducer:
         res.files["decoder"] = export_decoder(model, out_dir / "decoder.onnx", opset)
         res.files["joiner"] = export_joiner(model, out_dir / "joiner.onnx", opset)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from an4_fixture import prepared_an4
 
@@ -56,6 +57,18 @@ def recipe_exp(an4_data, tmp_path_factory) -> Path:
     return exp
 
 
+@pytest.fixture(scope="module")
+def recipe_export(recipe_exp, an4_data, tmp_path_factory) -> Path:
+    """export.py on the recipe's model: every exit, the per-block form, pretrained.pt (all checked against PyTorch)."""
+    from splitformer.export import main as export_main
+
+    out_dir = tmp_path_factory.mktemp("recipe_export") / "export"
+    export_main(["--exp-dir", str(recipe_exp), "--epoch", str(EPOCHS), "--avg", "2", "--use-averaged-model",
+                 "--exit-layer", "all", "--output-dir", str(out_dir), "--blocks", "true",
+                 "--tokens", str(an4_data / "lang_bpe_30" / "tokens.txt")])
+    return out_dir
+
+
 def test_recipe_leaves_the_blank_plateau(recipe_exp):
     last = (recipe_exp / "log" / "epochs.txt").read_text().splitlines()[-1]
     loss = float(re.search(r"exit4=([0-9.]+)", last.split("valid loss")[1]).group(1))
@@ -64,7 +77,8 @@ def test_recipe_leaves_the_blank_plateau(recipe_exp):
     assert wer < PLATEAU_WER, last
 
 
-def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxruntime(recipe_exp, an4_data, tmp_path, capsys):
+def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxruntime(recipe_exp, recipe_export, an4_data,
+                                                                                     capsys):
     """decode.py's WER is what its recogs say (kaldialign, paired by cut id), and the same cut gets the same
     words from decode.py (lhotse features), pretrained.py (raw audio), examples/onnx_decode.py (onnxruntime,
     torch barred) and sherpa-onnx, at every exit, from the one averaged model export.py writes."""
@@ -72,7 +86,6 @@ def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxrunt
 
     from recogs import read_recogs, wer_from_recogs
     from splitformer.decode import main as decode_main
-    from splitformer.export import main as export_main
     from splitformer.pretrained import main as pretrained_main
 
     bpe = an4_data / "lang_bpe_30" / "bpe.model"
@@ -80,9 +93,7 @@ def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxrunt
     assert decode_main(["--exp-dir", str(recipe_exp), *avg, "--exit-layer", "all", "--test-sets", "test",
                         "--manifest-dir", str(an4_data / "fbank"), "--bpe-model", str(bpe), "--num-threads", "1"]) == 0
     runs = json.loads((recipe_exp / "greedy_search" / "results-test.json").read_text())["runs"]
-    out_dir = tmp_path / "export"
-    export_main(["--exp-dir", str(recipe_exp), *avg, "--exit-layer", "all", "--output-dir", str(out_dir),
-                 "--tokens", str(an4_data / "lang_bpe_30" / "tokens.txt")])
+    out_dir = recipe_export
     cuts = CutSet.from_file(an4_data / "fbank" / "an4_cuts_test.jsonl.gz").subset(first=24).to_eager()
     files = [c.recording.sources[0].source for c in cuts]
     for exit_layer in (2, 4):
@@ -114,6 +125,49 @@ def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxrunt
                 # on a half-trained model that may flip a near tie, so allow one cut in twelve to differ
                 same = sum(a == b for a, b in zip(from_decode, torch_words))
                 assert same >= len(cuts) - len(cuts) // 12, list(zip(from_decode, torch_words))
+
+
+def test_dynamic_exits_in_onnxruntime_stop_where_pytorch_stops(recipe_export, an4_data):
+    """The per-block ONNX form (export.py --blocks true) run by examples/onnx_decode.py --exit-strategy: each
+    utterance stops at the exit PyTorch's own climb picks for the same audio and threshold, with the same words,
+    and the blocks above it are not run (the stderr log names one exit per file)."""
+    from lhotse import CutSet
+
+    from splitformer.decoding.audio import file_features
+    from splitformer.decoding.exits import model_exit_scores, stops
+    from splitformer.decoding.loading import load_tokenizer
+    from splitformer.decoding.search import greedy_search
+    from splitformer.pretrained import load_model
+
+    out_dir = recipe_export
+    model = load_model(out_dir / "pretrained.pt").eval()
+    sp = load_tokenizer(an4_data / "lang_bpe_30" / "bpe.model")
+    cuts = CutSet.from_file(an4_data / "fbank" / "an4_cuts_test.jsonl.gz").subset(first=24).to_eager()
+    files = [c.recording.sources[0].source for c in cuts]
+    climbs = []
+    with torch.no_grad():
+        for f in files:
+            x = torch.from_numpy(file_features(f)[0])[None]
+            lens = torch.tensor([x.shape[1]])
+            climbs.append([(e, model_exit_scores(model, o, l, e, "ctc", strategies=("confidence",))["confidence"].item(),
+                            o, l) for e, o, l in model.iter_exits(x, lens)])
+    first = sorted(c[0][1] for c in climbs)
+    threshold = (first[len(first) // 2 - 1] + first[len(first) // 2]) / 2  # half the files stop at the first exit
+    want_exits, want_words = [], []
+    with torch.no_grad():
+        for climb in climbs:
+            e, _, o, l = next((c for c in climb if stops("confidence", c[1], threshold)), climb[-1])
+            hyp = greedy_search(model, model.project_encoder(o, e), l)[0]
+            want_exits.append(e)
+            want_words.append(" ".join(sp.decode(hyp.tokens).split()) if hyp.tokens else "")
+    assert len(set(want_exits)) > 1, want_exits  # the threshold splits the files between exits
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "onnx_decode.py"), "--model-dir", str(out_dir),
+                        "--exit-strategy", "confidence", "--exit-threshold", repr(threshold), *files],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got_exits = [int(ln.rsplit("exit ", 1)[1]) for ln in r.stderr.splitlines() if ": exit " in ln]
+    assert got_exits == want_exits
+    assert [ln.split("\t", 1)[1] for ln in r.stdout.splitlines()] == want_words
 
 
 def _sherpa_texts(model_dir: Path, exit_layer: int, files) -> dict:

@@ -279,6 +279,14 @@ class EarlyExitEncoder(nn.Module):
         strategy that stops iterating never pays for the layers above its exit.
         """
         n = self.num_exits_upto(max_exit)
+        x, lens = self.prepare(x, x_lens)
+        mask, pos_emb = self.block_context(x, lens)
+        for block in range(n):
+            x, out = self.run_block(block, x, lens, mask, pos_emb)
+            yield out, lens
+
+    def prepare(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor]:
+        """Front-end output -> the stack's input (projection, input downsampling, absolute positions)."""
         if x.dim() != 3 or x.size(-1) != self.input_dim:
             raise ValueError(f"EarlyExitEncoder expects (B, T, {self.input_dim}) input, got {tuple(x.shape)}")
         if self.input_proj is not None:
@@ -286,16 +294,23 @@ class EarlyExitEncoder(nn.Module):
         x, lens = self.input_downsample(x, x_lens)
         if self.pos_encoding == "abs":
             x = self.pos_enc(x)
-        mask = make_pad_mask(lens, x.size(1))
-        pos_emb = self._pos_emb(x)
-        for block in range(n):
-            block_in = x
-            for i in self.block_layers(block):
-                x = self.layers[i](x, mask, pos_emb)
-            branch = self.branches[str(block)] if block in self.split_blocks else None
-            if branch is not None:
-                x = branch(block_in, x, lens, self._pos_emb)
-            yield self.exit_norms[block](x), lens
+        return x, lens
+
+    def block_context(self, x: Tensor, lens: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """(padding mask, relative position embedding) that every block of this input shares."""
+        return make_pad_mask(lens, x.size(1)), self._pos_emb(x)
+
+    def run_block(self, block: int, x: Tensor, lens: Tensor, mask: Tensor, pos_emb: Optional[Tensor]
+                  ) -> Tuple[Tensor, Tensor]:
+        """One block (the layers up to its exit, and its Splitformer branch): (state for the next block,
+        this exit's normalised output). ``prepare`` and ``run_block`` let a deployment run one block at a time."""
+        block_in = x
+        for i in self.block_layers(block):
+            x = self.layers[i](x, mask, pos_emb)
+        branch = self.branches[str(block)] if block in self.split_blocks else None
+        if branch is not None:
+            x = branch(block_in, x, lens, self._pos_emb)
+        return x, self.exit_norms[block](x)
 
     def forward(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
         """``[(out (B, T', D), out_lens)]`` for every exit ``<= max_exit`` (all if None), in order."""
