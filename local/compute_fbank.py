@@ -36,21 +36,32 @@ def _init_worker() -> None:
     use_soundfile_for_sphere()
 
 
-def _extract(cuts: List, storage: Path, progress_bar: bool = False) -> CutSet:
-    return CutSet.from_cuts(cuts).compute_and_store_features(
-        extractor=Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS)),
-        storage_path=storage,
-        storage_type=LilcomChunkyWriter,
-        progress_bar=progress_bar,
-    )
+Failures = List[Tuple[str, str]]
 
 
-def extract_parallel(cuts: List, storage: Path, num_jobs: int) -> CutSet:
+def _extract(cuts: List, storage: Path, progress_bar: bool = False) -> Tuple[CutSet, Failures]:
+    """Features of each cut into one archive; a cut whose audio or extraction fails is left out with its
+    reason (lhotse's own loop would stop the whole split at the first one)."""
+    extractor = Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS))
+    done, failures = [], []
+    with LilcomChunkyWriter(storage) as writer:
+        for cut in tqdm(cuts, desc="Extracting fbank", unit="cut", disable=not progress_bar, mininterval=2):
+            try:
+                done.append(cut.compute_and_store_features(extractor, writer))
+            except Exception as e:  # noqa: BLE001  (any failure of one cut costs that cut only)
+                source = cut.recording.sources[0].source if cut.has_recording else "<no recording>"
+                msg = str(e).splitlines()[0] if str(e) else ""
+                failures.append((cut.id, f"feature extraction failed for audio {source}: {type(e).__name__}: {msg}"))
+                log.error("rejected %s: %s", cut.id, failures[-1][1])
+    return CutSet.from_cuts(done), failures
+
+
+def extract_parallel(cuts: List, storage: Path, num_jobs: int) -> Tuple[CutSet, Failures]:
     """Feature extraction over `num_jobs` processes, in small chunks so that the progress bar counts cuts."""
     storage.mkdir(parents=True, exist_ok=True)
     size = max(10, math.ceil(len(cuts) / (num_jobs * 8)))
     chunks = [cuts[i : i + size] for i in range(0, len(cuts), size)]
-    results: List[Optional[CutSet]] = [None] * len(chunks)
+    results: List[Optional[Tuple[CutSet, Failures]]] = [None] * len(chunks)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(num_jobs, mp_context=ctx, initializer=_init_worker) as ex:
         futures = {ex.submit(_extract, chunk, storage / f"feats-{i}"): i for i, chunk in enumerate(chunks)}
@@ -59,7 +70,7 @@ def extract_parallel(cuts: List, storage: Path, num_jobs: int) -> CutSet:
                 i = futures[f]
                 results[i] = f.result()
                 bar.update(len(chunks[i]))
-    return CutSet.from_cuts(c for r in results for c in r)
+    return CutSet.from_cuts(c for r in results for c in r[0]), [f for r in results for f in r[1]]
 
 
 def compute_split(src: Path, dst: Path, storage: Path, num_jobs: int) -> Tuple[int, List[Tuple[str, str]]]:
@@ -72,16 +83,10 @@ def compute_split(src: Path, dst: Path, storage: Path, num_jobs: int) -> Tuple[i
             p.unlink()
     # one process does ~250 cuts/s; starting spawned workers (torch + lhotse imports) costs seconds each
     if num_jobs > 1 and len(cuts) > MIN_CUTS_PER_PROCESS_POOL:
-        with_feats = extract_parallel(cuts, storage, num_jobs)
+        with_feats, rejects = extract_parallel(cuts, storage, num_jobs)
     else:
-        with_feats = _extract(cuts, storage, progress_bar=True).to_eager()
-    # lhotse logs and skips a cut whose audio fails to load: turn that into a reported reject
-    done = set(with_feats.ids)
-    rejects = [
-        (c.id, f"feature extraction failed (audio {c.recording.sources[0].source} did not load; see log above)")
-        for c in cuts
-        if c.id not in done
-    ]
+        with_feats, rejects = _extract(cuts, storage, progress_bar=True)
+        with_feats = with_feats.to_eager()
     atomic_to_file(with_feats, dst)
     return len(with_feats), rejects
 

@@ -183,3 +183,23 @@ def test_tedlium_talk_without_stm_is_reported_and_the_rest_goes_on(tmp_path):
     assert [t for t, _ in problems["test"]] == ["TalkB"]
     assert "TalkB.sph has no transcript" in problems["test"][0][1]
     assert sorted(p.name for p in (usable / "legacy" / "test" / "sph").iterdir()) == ["TalkA.sph"]
+
+
+def test_stage3_a_cut_whose_features_fail_is_reported_and_the_others_kept(tmp_path):
+    """compute_fbank.py: lhotse skips a cut whose audio no longer loads; that cut is reported, not lost silently."""
+    from compute_fbank import compute_split
+
+    paths = []
+    for name in ("keep", "gone"):
+        paths.append(tmp_path / f"{name}.wav")
+        sf.write(paths[-1], _tone(1.0), SR, subtype="PCM_16")
+    recs = RecordingSet.from_recordings(Recording.from_file(p, recording_id=p.stem) for p in paths)
+    sups = SupervisionSet.from_segments([_sup(p.stem, p.stem) for p in paths])
+    cuts = CutSet.from_manifests(recordings=recs, supervisions=sups)
+    src = tmp_path / "cuts.jsonl.gz"
+    cuts.to_file(src)
+    paths[1].write_bytes(b"RIFF" + b"\0" * 40)  # the audio breaks after stage 1 checked it
+    n, rejects = compute_split(src, tmp_path / "fbank.jsonl.gz", tmp_path / "feats", num_jobs=1)
+    assert n == 1 and [cid for cid, _ in rejects] == [cuts.subset(last=1)[0].id]
+    assert "feature extraction failed" in rejects[0][1] and str(paths[1]) in rejects[0][1]
+    assert CutSet.from_file(tmp_path / "fbank.jsonl.gz")[0].has_features
