@@ -57,6 +57,10 @@ def read_tokens(path: Path) -> Dict[int, str]:
     return table
 
 
+def unk_id(tokens: Dict[int, str]) -> int:
+    return next((i for i, p in tokens.items() if p == "<unk>"), -1)
+
+
 def to_text(ids: List[int], tokens: Dict[int, str]) -> str:
     """Pieces joined, word boundaries ('\u2581') as single spaces, as sentencepiece decodes them."""
     return " ".join("".join(tokens[i] for i in ids).replace("\u2581", " ").split())
@@ -101,13 +105,14 @@ def ctc_greedy(log_probs: np.ndarray, blank: int) -> List[int]:
     return out
 
 
-def transducer_greedy(enc: np.ndarray, decoder: Session, joiner: Session, context: int, blank: int) -> List[int]:
-    """Greedy search over projected encoder frames (T, J), at most one symbol per frame."""
+def transducer_greedy(enc: np.ndarray, decoder: Session, joiner: Session, context: int, blank: int,
+                      unk: int = -1) -> List[int]:
+    """Greedy search over projected encoder frames (T, J), at most one symbol per frame; <unk> is not emitted."""
     hyp = [blank] * context
     dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
     for t in range(enc.shape[0]):
         tok = int(joiner(enc[t:t + 1], dec)[0].argmax(-1)[0])
-        if tok != blank:
+        if tok not in (blank, unk):
             hyp.append(tok)
             dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
     return hyp[context:]
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
         if args.method == "ctc":
             ids = ctc_greedy(out[0, :n], blank)
         else:
-            ids = transducer_greedy(out[0, :n], decoder, joiner, context, blank)
+            ids = transducer_greedy(out[0, :n], decoder, joiner, context, blank, unk_id(tokens))
         print(f"{f}\t{to_text(ids, tokens)}")
     return 0
 
@@ -188,7 +193,7 @@ def decode_dynamic(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
         if args.method == "ctc":
             ids = ctc_greedy(outs["log_probs"][0, :n], blank)
         else:
-            ids = transducer_greedy(outs["encoder_out"][0, :n], decoder, joiner, context, blank)
+            ids = transducer_greedy(outs["encoder_out"][0, :n], decoder, joiner, context, blank, unk_id(tokens))
         print(f"{f}\t{to_text(ids, tokens)}")
         print(f"{f}: exit {exit_layer}", file=sys.stderr)
     return 0

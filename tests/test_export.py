@@ -43,6 +43,10 @@ TINY: Dict[str, dict] = {
     "splitformer-zip": dict(preset="splitformer-cpu", encoder_embed="conv2d", input_downsample=2, encoder_dim="32", encoder_unmasked_dim="32",
                             num_encoder_layers="4", exit_layers="2,4", feedforward_dim="64", num_heads="2",
                             cnn_module_kernel="7", split_blocks="0,1", decoder_dim=32, joiner_dim=32),
+    # the main job's Splitformer: Conv1d x4 front end, no input downsampling, branches in both blocks
+    "splitformer-cpu": dict(preset="splitformer-cpu", encoder_dim="32", encoder_unmasked_dim="32", num_encoder_layers="4",
+                            exit_layers="2,4", feedforward_dim="64", num_heads="2", cnn_module_kernel="7",
+                            split_blocks="0,1", decoder_dim=32, joiner_dim=32),
     # multi-rate Zipformer2, one exit
     "zipformer2": dict(preset="zipformer-cpu", num_encoder_layers="1,1,1", downsampling_factor="1,2,4",
                        encoder_dim="32,48,32", encoder_unmasked_dim="16,16,16", feedforward_dim="64,64,64",
@@ -106,14 +110,15 @@ def ctc_greedy(log_probs: np.ndarray, lens: np.ndarray, blank: int = 0) -> List[
     return out
 
 
-def transducer_greedy(enc: np.ndarray, n: int, decoder: Callable, joiner: Callable, context: int, blank: int = 0
-                      ) -> List[int]:
-    """One symbol per frame greedy search over projected encoder frames ``enc (T, J)``."""
+def transducer_greedy(enc: np.ndarray, n: int, decoder: Callable, joiner: Callable, context: int, blank: int = 0,
+                      unk: int = 2) -> List[int]:
+    """One symbol per frame greedy search over projected encoder frames ``enc (T, J)``; <unk> (icefall's id 2) is
+    not emitted, as in icefall, sherpa-onnx and our own search."""
     hyp = [blank] * context
     dec = decoder(np.array([hyp[-context:]], dtype=np.int64))
     for t in range(n):
         tok = int(joiner(enc[t : t + 1], dec).argmax(-1)[0])
-        if tok != blank:
+        if tok not in (blank, unk):
             hyp.append(tok)
             dec = decoder(np.array([hyp[-context:]], dtype=np.int64))
     return hyp[context:]
@@ -353,9 +358,9 @@ def _knf_features(wave: np.ndarray, sr: int) -> np.ndarray:
     return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])[None].astype(np.float32)
 
 
-def _sherpa_setup(exported, tmp_path):
+def _sherpa_setup(exported, tmp_path, kind):
     import sherpa_onnx
-    model, out, _ = exported("splitformer-zip")
+    model, out, _ = exported(kind)
     syms = ["<blk>", "<sos/eos>", "<unk>"] + [f"\u2581w{i}" for i in range(3, VOCAB)]
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("".join(f"{s} {i}\n" for i, s in enumerate(syms)), encoding="utf-8")
@@ -376,28 +381,33 @@ def _sherpa_setup(exported, tmp_path):
     return sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text
 
 
-def test_sherpa_onnx_runs_the_exported_ctc_files_and_agrees(exported, tmp_path):
-    """sherpa-onnx (optional) loads the CTC model and decodes as our greedy search does."""
-    sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text = _sherpa_setup(exported, tmp_path)
-    e = model.exits[0]
-    ctc = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(model=str(out / f"ctc-exit{e}.onnx"), tokens=str(tokens),
-                                                           num_threads=1)
-    lp, lp_lens = ort_session(out / f"ctc-exit{e}.onnx").run(None, {"x": feats, "x_lens": feat_lens})
-    ours = ctc_greedy(lp, lp_lens)[0]
-    assert ours and sherpa_text(ctc) == text(ours)
+SHERPA_KINDS = ["splitformer-zip", "splitformer-cpu"]  # Conv2d and Conv1d front ends
 
 
-def test_sherpa_onnx_runs_the_exported_transducer_files_and_agrees(exported, tmp_path):
+@pytest.mark.parametrize("kind", SHERPA_KINDS)
+def test_sherpa_onnx_runs_the_exported_ctc_files_and_agrees(exported, tmp_path, kind):
+    """sherpa-onnx loads the CTC model of every exit and decodes as our greedy search does."""
+    sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text = _sherpa_setup(exported, tmp_path, kind)
+    for e in model.exits:
+        ctc = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(model=str(out / f"ctc-exit{e}.onnx"), tokens=str(tokens),
+                                                               num_threads=1)
+        lp, lp_lens = ort_session(out / f"ctc-exit{e}.onnx").run(None, {"x": feats, "x_lens": feat_lens})
+        ours = ctc_greedy(lp, lp_lens)[0]
+        assert ours and sherpa_text(ctc) == text(ours), e
+
+
+@pytest.mark.parametrize("kind", SHERPA_KINDS)
+def test_sherpa_onnx_runs_the_exported_transducer_files_and_agrees(exported, tmp_path, kind):
     """sherpa-onnx loads encoder/decoder/joiner and decodes as our greedy search does. (It starts from
     [blank] * context_size where we start from [-1, blank]; the decoder reads both as the start.)"""
-    sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text = _sherpa_setup(exported, tmp_path)
-    e = model.exits[0]
-    rnnt = sherpa_onnx.OfflineRecognizer.from_transducer(
-        encoder=str(out / f"encoder-exit{e}.onnx"), decoder=str(out / "decoder.onnx"), joiner=str(out / "joiner.onnx"),
-        tokens=str(tokens), num_threads=1, decoding_method="greedy_search")
-    enc, enc_lens = ort_session(out / f"encoder-exit{e}.onnx").run(None, {"x": feats, "x_lens": feat_lens})
+    sherpa_onnx, model, out, tokens, feats, feat_lens, text, sherpa_text = _sherpa_setup(exported, tmp_path, kind)
     dec_s, join_s = ort_session(out / "decoder.onnx"), ort_session(out / "joiner.onnx")
-    hyp = transducer_greedy(enc[0], int(enc_lens[0]), lambda y: dec_s.run(None, {"y": y})[0],
-                            lambda a, b: join_s.run(None, {"encoder_out": a, "decoder_out": b})[0],
-                            model.decoder.context_size)
-    assert hyp and sherpa_text(rnnt) == text(hyp)
+    for e in model.exits:
+        rnnt = sherpa_onnx.OfflineRecognizer.from_transducer(
+            encoder=str(out / f"encoder-exit{e}.onnx"), decoder=str(out / "decoder.onnx"),
+            joiner=str(out / "joiner.onnx"), tokens=str(tokens), num_threads=1, decoding_method="greedy_search")
+        enc, enc_lens = ort_session(out / f"encoder-exit{e}.onnx").run(None, {"x": feats, "x_lens": feat_lens})
+        hyp = transducer_greedy(enc[0], int(enc_lens[0]), lambda y: dec_s.run(None, {"y": y})[0],
+                                lambda a, b: join_s.run(None, {"encoder_out": a, "decoder_out": b})[0],
+                                model.decoder.context_size)
+        assert hyp and sherpa_text(rnnt) == text(hyp), e

@@ -37,6 +37,13 @@ def _decoder_proj(model: nn.Module, contexts: List[List[int]], device: torch.dev
     return model.project_decoder(model.decoder(y, need_pad=False)).squeeze(1)
 
 
+def _silent_tokens(model: nn.Module) -> set:
+    """Tokens a transducer search does not emit (nor feed to the decoder): blank, and <unk> as in icefall and
+    sherpa-onnx."""
+    unk = getattr(model, "unk_id", None)
+    return {model.blank_id} | ({unk} if unk is not None else set())
+
+
 @torch.no_grad()
 def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor) -> List[Hyp]:
     """Batched transducer greedy search, one symbol per frame at most.
@@ -55,6 +62,7 @@ def greedy_search_with_posteriors(
     frame of the greedy path (zeros past an utterance's length): what the transducer exit scorer reads."""
     B, T, _ = enc_proj.shape
     blank = model.blank_id
+    silent = _silent_tokens(model)
     cs = model.decoder.context_size
     device = enc_proj.device
     contexts = [_initial_context(cs, blank) for _ in range(B)]
@@ -78,7 +86,7 @@ def greedy_search_with_posteriors(
         emitted = []
         for row, b in enumerate(active):
             k = int(best[row])
-            if k != blank:
+            if k not in silent:
                 tokens[b].append(k)
                 contexts[b] = contexts[b][1:] + [k]
                 emitted.append(b)
@@ -109,6 +117,7 @@ def modified_beam_nbest(
     """The final beam of :func:`modified_beam_search` per utterance, best first."""
     B, T, _ = enc_proj.shape
     blank = model.blank_id
+    silent = _silent_tokens(model)
     cs = model.decoder.context_size
     device = enc_proj.device
     init = tuple(_initial_context(cs, blank))
@@ -138,7 +147,7 @@ def modified_beam_nbest(
             for lp, i in zip(top_lp.tolist(), top_idx.tolist()):
                 ys = flat[start + i // V][1]
                 tok = i % V
-                if tok != blank:
+                if tok not in silent:
                     ys = ys + (tok,)
                 old = new.get(ys)
                 new[ys] = lp if old is None else _logaddexp(old, lp)

@@ -87,6 +87,9 @@ class AsrModel(nn.Module):
         self.encoder = encoder
         self.vocab_size = vocab_size
         self.blank_id = blank_id
+        # icefall's token layout (<blk>=0, <sos/eos>=1, <unk>=2, checked by the Tokenizer): transducer searches never
+        # emit <unk>, as icefall's and sherpa-onnx's do not, so that deployed models give the same words
+        self.unk_id = 2 if vocab_size > 2 else None
         self.use_transducer = use_transducer
         self.use_ctc = use_ctc
         dims: List[int] = list(encoder.output_dims)
