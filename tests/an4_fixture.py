@@ -19,13 +19,35 @@ import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_AN4 = Path(os.environ.get("AN4_DIR", REPO.parent / "shared" / "data" / "an4"))
 VOCAB_SIZE = 30
 
 _cache: Dict[Path, Path] = {}
+
+
+class Utterance(NamedTuple):
+    id: str  # e.g. an251-fash-b
+    path: Path  # its .sph file
+    text: str  # the transcript, upper case, without <s> </s> and the id
+    line: str  # the transcription line as it is in etc/
+    fileid: str  # its path under wav/, without the suffix
+
+
+def an4_utterances(an4_dir: Path, n: Optional[int] = None, skip: int = 0, part: str = "train") -> List[Utterance]:
+    """The AN4 utterances ``skip .. skip + n`` of ``etc/an4_<part>.transcription`` (with ``.fileids``), in file
+    order: the one reader of AN4's layout that the tests share (prepare.sh has its own, local/an4.py)."""
+    etc = Path(an4_dir) / "etc"
+    lines = [ln for ln in (etc / f"an4_{part}.transcription").read_text().splitlines() if ln.strip()]
+    fileids = [f for f in (etc / f"an4_{part}.fileids").read_text().splitlines() if f.strip()]
+    end = None if n is None else skip + n
+    out = []
+    for line, fid in zip(lines[skip:end], fileids[skip:end]):
+        text = " ".join(line.rsplit("(", 1)[0].replace("<s>", " ").replace("</s>", " ").split()).upper()
+        out.append(Utterance(Path(fid).name, Path(an4_dir) / "wav" / f"{fid}.sph", text, line, fid))
+    return out
 _lock = threading.Lock()
 
 

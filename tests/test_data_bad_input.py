@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import numpy as np
 import pytest
 import soundfile as sf
 from lhotse import load_manifest
 
-from an4_fixture import REPO
+from an4_fixture import REPO, an4_utterances
 
 
 def run_prepare(corpus: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -21,26 +21,19 @@ def run_prepare(corpus: Path, data: Path, *extra: str) -> subprocess.CompletedPr
     )
 
 
-def real_utterances(an4_dir: Path, n: int) -> List[Tuple[str, str, str]]:
-    """(utt_id, text line, fileid) of the first n AN4 training utterances."""
-    trans = (an4_dir / "etc" / "an4_train.transcription").read_text().splitlines()
-    fileids = (an4_dir / "etc" / "an4_train.fileids").read_text().splitlines()
-    return [(f.split("/")[-1], t, f) for t, f in zip(trans[:n], fileids[:n])]
-
-
 def build_corpus(an4_dir: Path, root: Path) -> Dict[str, str]:
     """A small AN4-layout corpus: 100 good dev utterances, then train utterances with one of each problem."""
     corpus = root / "an4"
     (corpus / "etc").mkdir(parents=True)
-    good = real_utterances(an4_dir, 106)
+    good = an4_utterances(an4_dir, 106)
     trans, fileids = [], []
-    for utt, line, fid in good:
+    for utt, _, _, line, fid in good:
         dst = corpus / "wav" / f"{fid}.sph"
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(an4_dir / "wav" / f"{fid}.sph", dst)  # test scratch only: no audio is copied
         trans.append(line)
         fileids.append(fid)
-    src_audio, sr = sf.read(an4_dir / "wav" / f"{good[0][2]}.sph", dtype="int16")
+    src_audio, sr = sf.read(good[0].path, dtype="int16")
     bad_dir = corpus / "wav" / "an4_clstk" / "fbad"
     bad_dir.mkdir(parents=True)
 
@@ -50,7 +43,7 @@ def build_corpus(an4_dir: Path, root: Path) -> Dict[str, str]:
         trans.append(f"<s> {text} </s> ({utt})")
         fileids.append(f"an4_clstk/fbad/{utt}")
 
-    raw = (an4_dir / "wav" / f"{good[1][2]}.sph").read_bytes()
+    raw = good[1].path.read_bytes()
     add("corrupt-fbad-b", "YES", lambda p: p.write_bytes(b"\x13\x37" * 300))
     add("trunc-fbad-b", "YES", lambda p: p.write_bytes(raw[: 1024 + 2000]))
     add("zero-fbad-b", "YES", lambda p: p.write_bytes(b""))
@@ -63,9 +56,9 @@ def build_corpus(an4_dir: Path, root: Path) -> Dict[str, str]:
     add("stereo-fbad-b", "TWO", lambda p: sf.write(p, stereo, 16000, format="NIST", subtype="PCM_16"))
     (corpus / "etc" / "an4_train.transcription").write_text("\n".join(trans) + "\n")
     (corpus / "etc" / "an4_train.fileids").write_text("\n".join(fileids) + "\n")
-    test = real_utterances(an4_dir, 3)
-    (corpus / "etc" / "an4_test.transcription").write_text("\n".join(t for _, t, _ in test) + "\n")
-    (corpus / "etc" / "an4_test.fileids").write_text("\n".join(f for _, _, f in test) + "\n")
+    test = an4_utterances(an4_dir, 3)
+    (corpus / "etc" / "an4_test.transcription").write_text("\n".join(u.line for u in test) + "\n")
+    (corpus / "etc" / "an4_test.fileids").write_text("\n".join(u.fileid for u in test) + "\n")
     return {"corpus": str(corpus), "first_good_len": str(len(src_audio))}
 
 

@@ -10,21 +10,18 @@ import pytest
 import soundfile as sf
 from lhotse import load_manifest
 
-from an4_fixture import REPO
+from an4_fixture import REPO, an4_utterances
 from splitformer.data.recipes import DATASETS, get_dataset
 from splitformer.data.tokenizer import Tokenizer
 
 
-def an4_utterances(an4_dir: Path, n: int, skip: int = 0) -> List[Tuple[np.ndarray, str]]:
+def an4_audio(an4_dir: Path, n: int, skip: int = 0) -> List[Tuple[np.ndarray, str]]:
     """(16 kHz int16 samples, transcript) of n AN4 training utterances."""
-    trans = (an4_dir / "etc" / "an4_train.transcription").read_text().splitlines()[skip: skip + n]
-    fileids = (an4_dir / "etc" / "an4_train.fileids").read_text().splitlines()[skip: skip + n]
     out = []
-    for line, fid in zip(trans, fileids):
-        audio, sr = sf.read(an4_dir / "wav" / f"{fid}.sph", dtype="int16")
+    for u in an4_utterances(an4_dir, n, skip):
+        audio, sr = sf.read(u.path, dtype="int16")
         assert sr == 16000
-        text = line.split("(")[0].replace("<s>", "").replace("</s>", "").strip()
-        out.append((audio, text))
+        out.append((audio, u.text))
     return out
 
 
@@ -57,7 +54,7 @@ def test_librispeech_layout(an4_dir, tmp_path):
     """LibriSpeech: <part>/<speaker>/<chapter>/<spk>-<chap>-<utt>.flac and <spk>-<chap>.trans.txt, every part."""
     corpus = tmp_path / "LibriSpeech"
     parts = get_dataset("librispeech").all_splits()
-    utts = an4_utterances(an4_dir, 2 * len(parts), skip=120)
+    utts = an4_audio(an4_dir, 2 * len(parts), skip=120)
     expected = {}
     for i, part in enumerate(parts):
         spk, chap = 100 + i, 2000 + i
@@ -114,7 +111,7 @@ def test_librispeech_layout(an4_dir, tmp_path):
 def test_tedlium3_layout(an4_dir, tmp_path):
     """TED-LIUM 3: legacy/{train,dev,test}/{sph/<talk>.sph, stm/<talk>.stm}; one talk per split, cut into segments."""
     corpus = tmp_path / "TEDLIUM_release-3"
-    utts = an4_utterances(an4_dir, 9, skip=200)
+    utts = an4_audio(an4_dir, 9, skip=200)
     gap = np.zeros(8000, dtype=np.int16)  # 0.5 s between segments
     expected = {}
     for k, split in enumerate(("train", "dev", "test")):

@@ -6,7 +6,7 @@ CTC-trained early-exit model (exits after layers 2, 4, 6), in the layout train.p
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import pytest
 import torch
@@ -22,17 +22,7 @@ TINY = dict(
 )
 NUM_DEV = 100
 
-
-def an4_utterances(an4_dir: Path, n: int) -> List[Tuple[str, Path, str]]:
-    """(id, sph path, TEXT) of the first n AN4 training utterances (= the recipe's dev set)."""
-    etc = an4_dir / "etc"
-    ids = (etc / "an4_train.fileids").read_text().split()
-    texts = (etc / "an4_train.transcription").read_text().splitlines()
-    out = []
-    for fid, line in zip(ids[:n], texts[:n]):
-        words = line.rsplit("(", 1)[0].replace("<s>", "").replace("</s>", "").split()
-        out.append((Path(fid).name, an4_dir / "wav" / f"{fid}.sph", " ".join(words).upper()))
-    return out
+from an4_fixture import an4_utterances  # noqa: E402  (re-exported for the modules that import it from here)
 
 
 def _prepare_data(an4_dir: Path, root: Path) -> None:
@@ -51,10 +41,11 @@ def _prepare_data_with_soundfile(an4_dir: Path, root: Path) -> None:
     import sentencepiece as spm
 
     utts = an4_utterances(an4_dir, NUM_DEV)
-    recs = RecordingSet.from_recordings(Recording.from_file(p, recording_id=i) for i, p, _ in utts)
+    recs = RecordingSet.from_recordings(Recording.from_file(u.path, recording_id=u.id) for u in utts)
     sups = SupervisionSet.from_segments(
-        SupervisionSegment(id=i, recording_id=i, start=0.0, duration=recs[i].duration, text=t, language="English")
-        for i, _, t in utts)
+        SupervisionSegment(id=u.id, recording_id=u.id, start=0.0, duration=recs[u.id].duration, text=u.text,
+                           language="English")
+        for u in utts)
     cuts = CutSet.from_manifests(recordings=recs, supervisions=sups)
     (root / "fbank").mkdir(parents=True, exist_ok=True)
     cuts = cuts.compute_and_store_features(
@@ -62,7 +53,7 @@ def _prepare_data_with_soundfile(an4_dir: Path, root: Path) -> None:
         storage_type=LilcomChunkyWriter, num_jobs=1)
     cuts.to_file(root / "fbank" / "an4_cuts_dev.jsonl.gz")
 
-    all_text = [t for _, _, t in an4_utterances(an4_dir, 10_000)]
+    all_text = [u.text for u in an4_utterances(an4_dir)]
     (root / "lang").mkdir(exist_ok=True)
     (root / "lang" / "text").write_text("\n".join(all_text) + "\n")
     spm.SentencePieceTrainer.train(

@@ -7,7 +7,8 @@ import torch
 from splitformer.decoding.audio import fbank, file_features, resample
 from splitformer.pretrained import main as pretrained_main
 from recogs import read_recogs
-from test_decoding_fixture import an4_utterances, trained_an4  # noqa: F401  (fixture)
+from an4_fixture import an4_utterances
+from test_decoding_fixture import trained_an4  # noqa: F401  (fixture)
 
 torch.set_num_threads(1)  # the test machines are small and shared
 
@@ -19,7 +20,7 @@ def _lhotse_fbank(samples: np.ndarray, sr: int) -> np.ndarray:
 
 
 def test_features_match_lhotse_fbank_used_in_training(an4_dir):
-    _, path, _ = an4_utterances(an4_dir, 3)[2]
+    path = an4_utterances(an4_dir, 3)[2].path
     x, sr = sf.read(str(path), dtype="float32")
     assert sr == 16000
     for n in (len(x), 1600 + 37, 16000 + 80):  # full file, 0.1 s and odd lengths
@@ -30,7 +31,7 @@ def test_features_match_lhotse_fbank_used_in_training(an4_dir):
 
 
 def test_resampled_input_matches_lhotse_fbank_and_the_original_rate(an4_dir, tmp_path):
-    _, path, _ = an4_utterances(an4_dir, 1)[0]
+    path = an4_utterances(an4_dir, 1)[0].path
     x, _ = sf.read(str(path), dtype="float32")
     f = tmp_path / "a.flac"
     sf.write(str(f), resample(x, 16000, 44100), 44100, subtype="PCM_24")
@@ -49,7 +50,7 @@ def _run(t, files, *extra, checkpoint=None):
 
 
 def test_decodes_files_of_any_rate_and_empty_or_silent_audio_gives_empty_results(trained_an4, an4_dir, tmp_path, capsys):
-    _, path, _ = an4_utterances(an4_dir, 1)[0]
+    path = an4_utterances(an4_dir, 1)[0].path
     x, _ = sf.read(str(path), dtype="float32")
     wav16 = tmp_path / "same.wav"
     sf.write(str(wav16), x, 16000)
@@ -76,8 +77,8 @@ def test_decodes_files_of_any_rate_and_empty_or_silent_audio_gives_empty_results
 def _good_and_bad_files(an4_dir, tmp_path, n_good=3):
     """AN4 utterances as wav, with every kind of bad input pretrained.py must survive between them."""
     good = []
-    for k, (_, path, _) in enumerate(an4_utterances(an4_dir, n_good)):
-        x, _ = sf.read(str(path), dtype="float32")
+    for k, u in enumerate(an4_utterances(an4_dir, n_good)):
+        x, _ = sf.read(str(u.path), dtype="float32")
         good.append(tmp_path / f"good{k}.wav")
         sf.write(str(good[-1]), x, 16000)
     nan = tmp_path / "nan.wav"
@@ -149,10 +150,10 @@ def test_averaged_model_comes_from_export_and_decodes_as_decode_py(trained_an4, 
     _, hyps = read_recogs(recogs)
     want = {cut_id.rsplit("-", 1)[0]: " ".join(words) for cut_id, words in hyps.items()}  # cut id = recording id-N
     utts = an4_utterances(an4_dir, 20)
-    assert _run(t, [p for _, p, _ in utts], "--exit-layer", "4", checkpoint=out_dir / "pretrained.pt") == 0
+    assert _run(t, [u.path for u in utts], "--exit-layer", "4", checkpoint=out_dir / "pretrained.pt") == 0
     got = [ln.split("\t", 1)[1] for ln in capsys.readouterr().out.splitlines()]
     assert any(got)
-    assert got == [want[i] for i, _, _ in utts]
+    assert got == [want[u.id] for u in utts]
 
 
 def test_missing_unreadable_and_foreign_checkpoint_errors(trained_an4, tmp_path, capsys):

@@ -26,17 +26,6 @@ TINY_MODEL = [
 ]
 
 
-def _an4_utterances(an4_dir: Path, split: str):
-    """(id, text, sph path) from AN4's transcription file."""
-    sub = "an4_clstk" if split == "train" else "an4test_clstk"
-    for line in (an4_dir / "etc" / f"an4_{split}.transcription").read_text().splitlines():
-        text, _, uid = line.rpartition("(")
-        uid = uid.strip(" )")
-        words = text.replace("<s>", "").replace("</s>", "").split()
-        spk = uid.split("-")[1]
-        yield uid, " ".join(words), an4_dir / "wav" / sub / spk / f"{uid}.sph"
-
-
 _TINY_CACHE: Dict[str, Path] = {}
 
 
@@ -57,9 +46,11 @@ def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
     """A ``data/`` directory laid out as ./prepare.sh makes it, with 16 train and 4 dev cuts
     of exactly CUT_SECONDS each (AN4 utterances with short transcripts, truncated).
 
-    Built from the session's prepared AN4 (tests/an4_fixture.py: ./prepare.sh output, its
-    features and BPE model) when that fixture exists, else prepared here with lhotse."""
+    Built from the session's prepared AN4 (tests/an4_fixture.py: ./prepare.sh output, its features and
+    BPE model)."""
     from lhotse import CutSet, load_manifest
+
+    from an4_fixture import prepared_an4
 
     key = str(tmp_path_factory.getbasetemp())
     if key in _TINY_CACHE:  # each test module imports this fixture: build it once per session
@@ -67,19 +58,12 @@ def tiny_data(an4_dir: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("an4tiny")
     data = root / "data"
     (data / "fbank").mkdir(parents=True)
-    try:
-        from an4_fixture import prepared_an4
-    except ImportError:
-        prepared_an4 = None
-    if prepared_an4 is not None:
-        full = prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
-        train = load_manifest(full / "fbank" / "an4_cuts_train.jsonl.gz")
-        picked = _pick(((c, c.supervisions[0].text) for c in train), 20)
-        cuts = CutSet.from_cuts(c for c, _ in picked).truncate(max_duration=CUT_SECONDS, offset_type="start")
-        cuts = CutSet.from_cuts(_clip_supervision(c) for c in cuts)
-        (data / "lang_bpe_30").symlink_to(full / "lang_bpe_30")
-    else:
-        cuts = _prepare_here(an4_dir, data)
+    full = prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+    train = load_manifest(full / "fbank" / "an4_cuts_train.jsonl.gz")
+    picked = _pick(((c, c.supervisions[0].text) for c in train), 20)
+    cuts = CutSet.from_cuts(c for c, _ in picked).truncate(max_duration=CUT_SECONDS, offset_type="start")
+    cuts = CutSet.from_cuts(_clip_supervision(c) for c in cuts)
+    (data / "lang_bpe_30").symlink_to(full / "lang_bpe_30")
     cuts = CutSet.from_cuts(c.with_id(c.supervisions[0].recording_id) for c in cuts)  # short, stable ids
     ids = sorted(c.id for c in cuts)
     cuts.subset(cut_ids=ids[:16]).to_file(data / "fbank" / "an4_cuts_train.jsonl.gz")
@@ -93,34 +77,6 @@ def _clip_supervision(cut):
     from lhotse.utils import fastcopy
 
     return fastcopy(cut, supervisions=[fastcopy(s, start=0.0, duration=cut.duration) for s in cut.supervisions])
-
-
-def _prepare_here(an4_dir: Path, data: Path):
-    import sentencepiece as spm
-    from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter, Recording, RecordingSet
-    from lhotse import SupervisionSegment, SupervisionSet
-
-    from splitformer.data import use_soundfile_for_sphere
-
-    use_soundfile_for_sphere()  # AN4 is NIST SPHERE; lhotse would want sph2pipe
-    utts = [(Recording.from_file(p, recording_id=u), t) for u, t, p in _an4_utterances(an4_dir, "train")
-            if p.is_file() and len(t.replace(" ", "")) <= 8][:60]
-    picked = _pick(utts, 20)
-    recs = RecordingSet.from_recordings(r for r, _ in picked)
-    sups = SupervisionSet.from_segments(
-        SupervisionSegment(id=r.id, recording_id=r.id, start=0.0, duration=CUT_SECONDS, channel=0, text=t)
-        for r, t in picked)
-    cuts = CutSet.from_manifests(recordings=recs, supervisions=sups).truncate(max_duration=CUT_SECONDS, offset_type="start")
-    cuts = cuts.compute_and_store_features(Fbank(FbankConfig(num_mel_bins=80)), storage_path=data / "fbank" / "feats",
-                                           storage_type=LilcomChunkyWriter, num_jobs=1).to_eager()
-    lang = data / "lang_bpe_30"
-    lang.mkdir()
-    text_file = data / "text.txt"
-    text_file.write_text("\n".join(t for _, t, _ in _an4_utterances(an4_dir, "train")) + "\n")
-    spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(lang / "bpe"), model_type="bpe",
-                                   vocab_size=30, character_coverage=1.0, user_defined_symbols=["<blk>", "<sos/eos>"],
-                                   unk_id=2, bos_id=-1, eos_id=-1, minloglevel=2)
-    return cuts
 
 
 def data_flags(data: Path) -> List[str]:
