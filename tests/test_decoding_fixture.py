@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from an4_fixture import an4_utterances
+
 torch.set_num_threads(1)  # the test machines are small and shared
 
 TINY = dict(
@@ -21,8 +23,6 @@ TINY = dict(
     split_combine="sum", decoder_dim=32, joiner_dim=32, dropout=0.0,
 )
 NUM_DEV = 100
-
-from an4_fixture import an4_utterances  # noqa: E402  (re-exported for the modules that import it from here)
 
 
 def _prepare_data(an4_dir: Path, root: Path) -> None:
