@@ -233,11 +233,13 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
         budgets = [r for r in runs if r.get("kind") == "budget" and r["test_set"] == s]
         if budgets:
             lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}):", "",
-                      "| experiment | method | strategy | budget | threshold | WER % on budget set | WER % | "
+                      "| experiment | method | strategy | scorer | budget | threshold | WER % on budget set | WER % | "
                       "cost reached | mean exit layer |",
-                      "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-            for r in sorted(budgets, key=lambda r: (r["experiment"], r["strategy"], r["budget_kind"], r["budget"])):
-                lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r['budget_kind']} {r['budget']:.4g} | "
+                      "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for r in sorted(budgets, key=lambda r: (r["experiment"], r["strategy"], r.get("scorer", "ctc"),
+                                                    r["budget_kind"], r["budget"])):
+                lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r.get('scorer', 'ctc')} | "
+                             f"{r['budget_kind']} {r['budget']:.4g} | "
                              f"{r['threshold']:.4g} | {r['dev_wer']:.2f} ({r['budget_set']}) | {r['wer']:.2f} | "
                              f"{r['achieved_cost']:.4g} | {r['mean_exit_layer']:.2f} |")
         sweeps = [r for r in runs if r.get("kind") == "dynamic-sweep" and r["test_set"] == s]

@@ -252,7 +252,7 @@ def test_compute_budget_picks_a_threshold_that_meets_it_and_reports_the_cost_rea
 
     assert compare_main([str(t["exp"]), "--names", "tiny", "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "Compute budgets" in md and "| entropy | macs " in md
+    assert "Compute budgets" in md and "| entropy | ctc | macs " in md
 
 
 def test_transducer_scorer_reads_the_transducer_and_its_sweep_equals_a_real_run(trained_an4):
