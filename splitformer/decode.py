@@ -220,12 +220,12 @@ def _run(args: argparse.Namespace) -> int:
     for test_set in test_sets:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration)
         audio_s = float(sum(c.duration for c in cuts))
-        ref_seconds = max(0.5, round(audio_s / max(len(cuts), 1), 1))
+        ref_seconds = _mean_seconds(cuts)
         prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
     budget_info: Dict = {}
     if budget is not None:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, args.budget_set, args.max_duration)
-        dev_macs = exit_macs(model, seconds=max(0.5, round(sum(c.duration for c in cuts) / max(len(cuts), 1), 1)))
+        dev_macs = exit_macs(model, seconds=_mean_seconds(cuts))
         model.to(device)
         threshold, budget_info = choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget, dev_macs)
     model.to(device)
@@ -234,7 +234,8 @@ def _run(args: argparse.Namespace) -> int:
         json_path = out_dir / f"results-{test_set}.json"
         if sweep or args.exit_layer == "all":
             runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
-                                            desc=f"{test_set} all exits", nbest=args.exit_nbest, scorer=args.exit_scorer)
+                                            desc=f"{test_set} all exits", nbest=args.exit_nbest, scorer=args.exit_scorer,
+                                            strategies=SCORED if sweep else ())
             rows = []
             for e, run in runs.items():
                 tag = run_tag(args, str(e))
@@ -296,6 +297,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mean_seconds(cuts) -> float:
+    """A set's mean utterance length (0.1 s steps, at least 0.5 s): the length at which MACs are counted."""
+    return max(0.5, round(float(sum(c.duration for c in cuts)) / max(len(cuts), 1), 1))
+
+
 def _budget(args: argparse.Namespace) -> Optional[Tuple[str, float]]:
     """("macs" | "rtf", value) from --exit-budget-macs / --exit-budget-rtf, or None."""
     given = [(k, v) for k, v in (("macs", args.exit_budget_macs), ("rtf", args.exit_budget_rtf)) if v is not None]
@@ -315,7 +321,7 @@ def choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget
     """
     runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
                                     desc=f"{args.budget_set} all exits (budget)", nbest=args.exit_nbest,
-                                    scorer=args.exit_scorer)
+                                    scorer=args.exit_scorer, strategies=(args.exit_strategy,))
     exits = model.exits
     audio_s = float(sum(c.duration for c in cuts)) or 1.0
     kind, value = budget

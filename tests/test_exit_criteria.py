@@ -103,3 +103,10 @@ def test_pick_under_budget_takes_the_lowest_wer_that_fits_and_names_the_cheapest
     assert pick_under_budget(rows, 20.0)["threshold"] == 1.0
     with pytest.raises(ValueError, match="cheapest reachable cost is 20"):
         pick_under_budget(rows, 19.9)
+
+
+def test_a_trace_refuses_a_criterion_its_pass_did_not_score():
+    tr = UttTrace("u", duration=1.0, ref=["A"], hyps=[["A"], ["A"]], entropy=[0.5, 0.1])
+    assert tr.scores("entropy") == [0.5, 0.1]
+    with pytest.raises(ValueError, match="did not score 'posterior'"):
+        tr.scores("posterior")

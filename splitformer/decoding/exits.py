@@ -80,17 +80,16 @@ def model_exit_scores(model, enc: torch.Tensor, enc_lens: torch.Tensor, exit_lay
     out: Dict[str, torch.Tensor] = {}
     if scorer == "ctc":
         lp = model.ctc_log_probs(enc, exit_layer)
-        lens = enc_lens
     else:
         proj = model.project_encoder(enc, exit_layer)
-        lp, lens = None, enc_lens
+        lp = None
         if any(s in strategies for s in ("entropy", "confidence")):
             _, lp = greedy_search_with_posteriors(model, proj, enc_lens)
     for s in strategies:
         if s == "posterior" and scorer == "transducer":
             out[s] = _share_of_best(modified_beam_nbest(model, proj, enc_lens, nbest))
         else:
-            out[s] = exit_score(s, lp, lens, nbest, model.blank_id)
+            out[s] = exit_score(s, lp, enc_lens, nbest, model.blank_id)
     return out
 
 
@@ -143,15 +142,19 @@ class UttTrace:
     duration: float
     ref: List[str]
     hyps: List[List[str]]  # per exit
-    entropy: List[float]  # per exit
-    confidence: List[float]  # per exit
-    posterior: List[float] = field(default_factory=list)  # per exit
+    # per exit, for the criteria the pass was asked to score (empty for the others)
+    entropy: List[float] = field(default_factory=list)
+    confidence: List[float] = field(default_factory=list)
+    posterior: List[float] = field(default_factory=list)
 
     def scores(self, strategy: str) -> List[float]:
         """This utterance's score at every exit under ``strategy``."""
         if strategy not in SCORED:
             raise ValueError(f"exit strategy {strategy!r} has no score; choose one of {', '.join(SCORED)}")
-        return getattr(self, strategy)
+        out = getattr(self, strategy)
+        if len(out) != len(self.hyps):
+            raise ValueError(f"the pass that made this trace did not score {strategy!r}")
+        return out
 
 
 def simulate(

@@ -6,12 +6,12 @@ exit; ``decode`` adds the exit's heads and the search (data loading is not count
 """
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
-from splitformer.decoding.exits import UttTrace, iter_model_exits, model_exit_scores, stops
+from splitformer.decoding.exits import SCORED, UttTrace, iter_model_exits, model_exit_scores, stops
 from splitformer.decoding.search import run_search
 
 Result = Tuple[str, List[str], List[str]]
@@ -90,14 +90,15 @@ def default_scorer(model) -> str:
 @torch.no_grad()
 def decode_all_exits(
     model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: Optional[str] = "all exits",
-    nbest: int = 4, scorer: Optional[str] = None,
+    nbest: int = 4, scorer: Optional[str] = None, strategies: Sequence[str] = SCORED,
 ) -> Tuple[Dict[int, ExitRun], List[UttTrace]]:
     """Runs the encoder once per batch up to the top, decoding every exit on the way.
 
     The encoder time of exit k is the time the encoder took to reach it; its decode time adds that
-    exit's search only. Also returns, per utterance, every exit's hypothesis and its entropy,
-    confidence and ``nbest`` posterior as ``scorer`` reads them (default: the CTC heads when the model
-    has them), from which dynamic exits are simulated.
+    exit's search only. Also returns, per utterance, every exit's hypothesis and its score under each
+    of ``strategies`` as ``scorer`` reads them (default: the CTC heads when the model has them), from
+    which dynamic exits are simulated. ``strategies=()`` skips the scoring (the posterior's beam search
+    and the transducer scorer cost more than the decoding itself).
     """
     exits = model.exits
     scorer = scorer or default_scorer(model)
@@ -106,9 +107,7 @@ def decode_all_exits(
     for batch in _bar(loader, desc):
         feats, lens, ids, refs, durs = batch_parts(batch, device)
         per_exit_words: List[List[List[str]]] = []
-        ent: List[List[float]] = []
-        conf: List[List[float]] = []
-        post: List[List[float]] = []
+        scored: Dict[str, List[List[float]]] = {s: [] for s in strategies}
         enc_time = 0.0
         gen = iter_model_exits(model, feats, lens)
         while True:
@@ -126,15 +125,14 @@ def decode_all_exits(
             words = _words(tokenizer, hyps)
             run.results.extend(zip(ids, refs, words))
             per_exit_words.append(words)
-            scores = model_exit_scores(model, enc, enc_lens, exit_layer, scorer, nbest)
-            ent.append(scores["entropy"].tolist())
-            conf.append(scores["confidence"].tolist())
-            post.append(scores["posterior"].tolist())
+            if strategies:
+                for s, v in model_exit_scores(model, enc, enc_lens, exit_layer, scorer, nbest, strategies).items():
+                    scored[s].append(v.tolist())
         for i, cut_id in enumerate(ids):
             traces.append(UttTrace(
                 cut_id=cut_id, duration=durs[i], ref=refs[i],
                 hyps=[w[i] for w in per_exit_words],
-                entropy=[e[i] for e in ent], confidence=[c[i] for c in conf], posterior=[p[i] for p in post],
+                **{s: [per_exit[i] for per_exit in v] for s, v in scored.items()},
             ))
     return runs, traces
 

@@ -388,7 +388,7 @@ class Trainer:
 
         method = "greedy_search" if model.use_transducer else "ctc_greedy_search"
         batches = ({**b, "inputs": b["inputs"].to(self.dtype)} for b in self.valid_dl)  # float64 under --debug-float64
-        runs, _ = decode_all_exits(model, batches, self.tokenizer, method, beam=1, device=self.device,
+        runs, _ = decode_all_exits(model, batches, self.tokenizer, method, beam=1, device=self.device, strategies=(),
                                    desc="dev WER" if self.args.progress_bar else None)
         return {e: word_error_rate(r.results)[0] for e, r in runs.items() if e in self.trained_exits}
 
