@@ -79,18 +79,20 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float):
-    """Batches of one test set in a fixed order (so that every run sees the same batches)."""
+def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float, input_kind: str = "fbank"):
+    """Batches of one test set in a fixed order (so that every run sees the same batches), in the input the
+    model reads (``model.input_kind``)."""
     from lhotse import CutSet
     from lhotse.dataset import K2SpeechRecognitionDataset, SimpleCutSampler
-    from lhotse.dataset.input_strategies import PrecomputedFeatures
+
+    from splitformer.data.datamodule import input_strategy
 
     path = Path(manifest_dir) / f"{dataset}_cuts_{split}.jsonl.gz"
     if not path.is_file():
         raise DecodeSetupError(f"test manifest {path} does not exist; run ./prepare.sh or pass --manifest-dir")
     cuts = CutSet.from_file(path)
     sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
-    ds = K2SpeechRecognitionDataset(input_strategy=PrecomputedFeatures(), return_cuts=True)
+    ds = K2SpeechRecognitionDataset(input_strategy=input_strategy(input_kind), return_cuts=True)
     loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
     return loader, cuts
 
@@ -218,13 +220,14 @@ def _run(args: argparse.Namespace) -> int:
     # MACs per exit (counted on CPU, at each set's mean utterance length) before moving to the device.
     prepared = []
     for test_set in test_sets:
-        loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration)
+        loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration, model.input_kind)
         audio_s = float(sum(c.duration for c in cuts))
         ref_seconds = _mean_seconds(cuts)
         prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
     budget_info: Dict = {}
     if budget is not None:
-        loader, cuts = test_loader(args.manifest_dir, args.dataset, args.budget_set, args.max_duration)
+        loader, cuts = test_loader(args.manifest_dir, args.dataset, args.budget_set, args.max_duration,
+                                   model.input_kind)
         dev_macs = exit_macs(model, seconds=_mean_seconds(cuts))
         model.to(device)
         threshold, budget_info = choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget, dev_macs)

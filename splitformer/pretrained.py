@@ -30,11 +30,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from splitformer.decoding.audio import AudioError, file_features
+from splitformer.decoding.audio import AudioError, file_features, file_samples
 from splitformer.decoding.loading import DecodeSetupError, build_and_load, checkpoint_args, load_checkpoint_file, model_state
 from splitformer.decoding.search import CTC_METHODS, METHODS, run_search
 
-FRAMES_PER_SECOND = 100  # fbank frame shift of 10 ms
 
 # Audio shorter than this is padded with silence before the front end (its convolutions need
 # a few frames); the padding is silence, so it adds no words.
@@ -120,11 +119,13 @@ def transcribe(model, tokenizer, files: Sequence[Path], exit_layer: Optional[int
     out: Dict[int, Transcript] = {}
     next_out = 0
 
+    read = file_samples if model.input_kind == "waveform" else file_features  # what the model reads
+
     def features() -> Iterator[Tuple[int, np.ndarray]]:
         for i, f in enumerate(tqdm(files, desc="transcribing", unit="file", disable=not progress)):
             out[i] = Transcript(f)
             try:
-                x, peak = file_features(f, MIN_SECONDS)
+                x, peak = read(f, MIN_SECONDS)
             except AudioError as e:
                 out[i].error = str(e)
                 continue
@@ -134,7 +135,7 @@ def transcribe(model, tokenizer, files: Sequence[Path], exit_layer: Optional[int
             if x.shape[0] > 0 and peak >= SILENCE_PEAK:
                 yield i, x
 
-    for batch in batches(features(), max(1, int(max_duration * FRAMES_PER_SECOND))):
+    for batch in batches(features(), max(1, int(max_duration * model.input_rate))):
         lens = torch.tensor([x.shape[0] for _, x in batch])
         feats = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for _, x in batch], batch_first=True)
         enc, enc_lens = model.encode(feats, lens, exit_layer=layer)

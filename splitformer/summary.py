@@ -1,6 +1,7 @@
 """Parameter counts and encoder compute (MACs per second of audio), per exit.
 
     python -m splitformer.summary --preset splitformer-paper --vocab-size 256
+    python -m splitformer.summary --preset w2v2-base-exits --hf-weights random   # no checkpoint needed
 
 MACs are counted with ``torch.utils.flop_counter`` on a real forward pass, so attention
 score products and convolutions count too, not only ``nn.Linear`` layers; one MAC is
@@ -18,8 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from splitformer.model.asr_model import AsrModel
 from splitformer.model.config import add_model_arguments, build_model, parse_with_preset
 
-FRAMES_PER_SECOND = 100  # fbank frame shift of 10 ms
-
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -32,14 +31,13 @@ def params_by_module(model: nn.Module) -> "OrderedDict[str, int]":
 
 @torch.no_grad()
 def encoder_macs_per_second(
-    model: AsrModel, exit_layer: Optional[int] = None, seconds: float = 10.0, num_features: int = 80
+    model: AsrModel, exit_layer: Optional[int] = None, seconds: float = 10.0
 ) -> int:
-    """MACs of front end + encoder up to ``exit_layer`` for one utterance, per second of audio."""
+    """MACs of front end + encoder up to ``exit_layer`` for one utterance, per second of audio (for a waveform
+    backbone that includes its convolutional feature encoder, a large share of its cost)."""
     was_training = model.training
     model.eval()
-    frames = int(seconds * FRAMES_PER_SECOND)
-    x = torch.zeros(1, frames, num_features)
-    x_lens = torch.tensor([frames])
+    x, x_lens = model.dummy_input(seconds)
     counter = FlopCounterMode(display=False)
     try:
         with counter:
@@ -73,7 +71,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_with_preset(get_parser(), argv)
-    model = build_model(args, args.vocab_size)
+    try:
+        model = build_model(args, args.vocab_size)
+    except ValueError as e:  # e.g. a backbone checkpoint that cannot be loaded here
+        raise SystemExit(f"summary: error: {e}") from None
     for line in format_summary(model, args.seconds):
         print(line)
 

@@ -50,7 +50,9 @@ def test_zipformer_lite_matches_the_early_exit_models_last_exit_in_compute():
 
 def test_every_preset_builds():
     for name in PRESETS:
-        assert params(name, 64) > 0
+        # the pretrained-backbone presets name hub checkpoints, which this machine cannot download: architecture only
+        extra = dict(hf_weights="random") if PRESETS[name].get("encoder") == "hf" else {}
+        assert params(name, 64, **extra) > 0
 
 
 def test_summary_cli_prints_totals_and_exits():

@@ -1,7 +1,8 @@
 """Lhotse data loading for training and decoding (the icefall `AsrDataModule` pattern).
 
 Batches are `K2SpeechRecognitionDataset(return_cuts=True)` dicts: `inputs` (B, T, 80) float,
-`supervisions` with `text`, `num_frames`, `cut`, ... In training batches, `sampler_state` is the
+`supervisions` with `text`, `num_frames`, `cut`, ... A waveform model (``--encoder hf``, ``args.input_kind``
+"waveform") gets (B, S) 16 kHz samples and `num_samples` instead, read from the cuts' recordings. In training batches, `sampler_state` is the
 sampler's state right after that batch was drawn: save it with a checkpoint and pass it back as
 `train_dataloader(..., sampler_state_dict=...)` to resume exactly after the last batch trained on
 (the sampler object itself runs ahead of training by the DataLoader's prefetched batches).
@@ -19,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from lhotse import CutSet, Fbank, FbankConfig, load_manifest_lazy
 from lhotse.dataset import (
+    AudioSamples,
     CutMix,
     DynamicBucketingSampler,
     K2SpeechRecognitionDataset,
@@ -36,6 +38,27 @@ from splitformer.utils import str2bool
 
 log = logging.getLogger(__name__)
 FRAME_SHIFT = 0.01  # seconds, lhotse Fbank default (100 frames per second)
+
+
+def input_lens(sup: Dict[str, Any]) -> torch.Tensor:
+    """(B,) input lengths of a batch's supervisions: fbank frames, or samples for a waveform model."""
+    return sup["num_frames"] if "num_frames" in sup else sup["num_samples"]
+
+
+def fbank_frames(sup: Dict[str, Any]) -> torch.Tensor:
+    """(B,) lengths in 10 ms frames whatever the input (the unit logged losses are normalised by)."""
+    return sup["num_frames"] if "num_frames" in sup else sup["num_samples"] // 160
+
+
+def input_strategy(kind: str = "fbank", on_the_fly: bool = False):
+    """Lhotse's input strategy for a model's input: the precomputed fbank (or fbank computed while loading),
+    or the recordings' samples for a waveform model."""
+    if kind == "waveform":
+        use_soundfile_for_sphere()  # the recordings are read now, not only at feature extraction
+        return AudioSamples()
+    if on_the_fly:
+        return OnTheFlyFeatures(Fbank(FbankConfig(num_mel_bins=80)))
+    return PrecomputedFeatures()
 
 
 def frames_after_subsampling(num_frames: int) -> int:
@@ -239,9 +262,7 @@ class AsrDataModule:
 
     # ---- loaders -----------------------------------------------------------------------------
     def _input_strategy(self):
-        if self.args.on_the_fly_feats:
-            return OnTheFlyFeatures(Fbank(FbankConfig(num_mel_bins=80)))
-        return PrecomputedFeatures()
+        return input_strategy(getattr(self.args, "input_kind", "fbank"), self.args.on_the_fly_feats)
 
     def _sampler(self, cuts: CutSet, shuffle: bool, drop_last: bool, world_size: int, rank: int, seed: int):
         num_buckets = self.args.num_buckets
@@ -279,7 +300,10 @@ class AsrDataModule:
             log.info("MUSAN noise mixing from %s", musan)
             transforms.append(CutMix(cuts=load_manifest_lazy(musan), p=0.5, snr=(10, 20), preserve_id=True, seed=seed))
         input_transforms: List[Callable] = []
-        if self.args.enable_spec_aug:
+        if self.args.enable_spec_aug and getattr(self.args, "input_kind", "fbank") == "waveform":
+            log.warning("--enable-spec-aug is for fbank input: off for this waveform model (its backbone masks "
+                        "time steps itself, as its config's mask_time_prob says)")
+        elif self.args.enable_spec_aug:
             input_transforms.append(
                 SpecAugment(
                     time_warp_factor=self.args.spec_aug_time_warp_factor,

@@ -89,17 +89,23 @@ def fbank(samples: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     return np.stack([comp.get_frame(i) for i in range(n)]).astype(np.float32)
 
 
-def file_features(path: Path, min_seconds: float = 0.0) -> Tuple[np.ndarray, float]:
-    """Features of one file at 16 kHz, and its peak amplitude (0 for empty audio).
+def file_samples(path: Path, min_seconds: float = 0.0) -> Tuple[np.ndarray, float]:
+    """The samples of one file at 16 kHz, and its peak amplitude (0 for empty audio).
 
     Audio shorter than ``min_seconds`` is padded with silence so that every front end gets
     enough frames (silence adds no words)."""
     samples, sr = read_audio(path)
     samples = resample(samples, sr)
     if samples.size == 0:
-        return fbank(samples), 0.0
+        return samples, 0.0
     peak = float(np.abs(samples).max())
     need = int(min_seconds * SAMPLE_RATE)
     if samples.size < need:
         samples = np.concatenate([samples, np.zeros(need - samples.size, dtype=np.float32)])
+    return samples, peak
+
+
+def file_features(path: Path, min_seconds: float = 0.0) -> Tuple[np.ndarray, float]:
+    """Features of one file (``file_samples``, then ``fbank``), and its peak amplitude."""
+    samples, peak = file_samples(path, min_seconds)
     return fbank(samples), peak

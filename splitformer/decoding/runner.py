@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from splitformer.decoding.exits import SCORED, UttTrace, iter_model_exits, model_exit_scores, stops
+from splitformer.data.datamodule import input_lens
 from splitformer.decoding.search import run_search
 
 Result = Tuple[str, List[str], List[str]]
@@ -39,7 +40,7 @@ def batch_parts(batch: Dict, device: torch.device) -> Tuple[torch.Tensor, torch.
     """features, lens, ids, reference words, durations of a lhotse K2SpeechRecognitionDataset batch."""
     feats = batch["inputs"].to(device)
     sup = batch["supervisions"]
-    lens = sup["num_frames"].to(device)
+    lens = input_lens(sup).to(device)
     cuts = sup["cut"]
     ids = [c.id for c in cuts]
     refs = [t.split() for t in sup["text"]]

@@ -14,6 +14,9 @@ from splitformer.model.decoder import Decoder
 from splitformer.model.joiner import Joiner
 
 
+INPUT_RATES = {"fbank": 100, "waveform": 16000}  # fbank frames (10 ms shift) or samples per second
+
+
 def pad_targets(targets: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Lists of token ids -> (B, U_max) int64 padded with ``pad``, and (B,) lengths."""
     lens = torch.tensor([len(t) for t in targets], dtype=torch.int64, device=device)
@@ -83,6 +86,7 @@ class AsrModel(nn.Module):
             raise ValueError("at least one of use_transducer and use_ctc must be true")
         # global mean/variance normalisation of the fbank (statistics set by train.py); None: raw features
         self.feature_norm = FeatureNorm(feature_dim) if feature_norm else None
+        self.feature_dim = feature_dim
         self.encoder_embed = encoder_embed
         self.encoder = encoder
         self.vocab_size = vocab_size
@@ -120,6 +124,23 @@ class AsrModel(nn.Module):
         if exit_layer not in self.exits:
             raise ValueError(f"no exit after layer {exit_layer}; valid exits: {', '.join(map(str, self.exits))}")
         return self.exits.index(exit_layer)
+
+    # ------------------------------------------------------------------ input
+    @property
+    def input_kind(self) -> str:
+        """'fbank': (B, T, 80) log-mel frames at 100 Hz; 'waveform': (B, S) 16 kHz samples (--encoder hf)."""
+        return getattr(self.encoder_embed, "input_kind", "fbank")
+
+    @property
+    def input_rate(self) -> int:
+        """Input frames (or samples) per second of audio."""
+        return INPUT_RATES[self.input_kind]
+
+    def dummy_input(self, seconds: float, batch: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Silence of ``seconds`` in the input this model reads, with its lengths (for cost counting, export)."""
+        n = int(seconds * self.input_rate)
+        shape = (batch, n) if self.input_kind == "waveform" else (batch, n, self.feature_dim)
+        return torch.zeros(shape), torch.full((batch,), n, dtype=torch.int64)
 
     # ------------------------------------------------------------------ encoder
     def normalize(self, features: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,19 @@ _EE_ZIPFORMER_CPU = dict(
     joiner_dim=256,
 )
 
+# Wright et al.'s other half: a pretrained self-supervised backbone fine-tuned with an exit every 2 layers. The
+# architecture is the checkpoint's (config.json); --hf-weights random builds it from transformers' default config of
+# the family, which is the "base" size of each (12 layers, 768 wide).
+_HF_EXITS = dict(
+    encoder="hf",
+    feature_norm="none",  # the backbone reads raw audio, normalised per utterance (--hf-normalize)
+    exit_layers="2,4,6,8,10,12",
+    decoder_dim=512,
+    joiner_dim=512,
+    use_transducer=True,
+    use_ctc=True,
+)
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "zipformer-s": _ZIPFORMER_S,
     "zipformer-m": _ZIPFORMER_M,
@@ -145,6 +158,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "splitformer": dict(_EE_ZIPFORMER, **_SPLIT_ZIP),
     "ee-zipformer-cpu": _EE_ZIPFORMER_CPU,
     "splitformer-cpu": dict(_EE_ZIPFORMER_CPU, **_SPLIT_ZIP),
+    "w2v2-base-exits": dict(_HF_EXITS, hf_model="facebook/wav2vec2-base"),
+    "hubert-base-exits": dict(_HF_EXITS, hf_model="facebook/hubert-base-ls960"),
+    "wavlm-base-plus-exits": dict(_HF_EXITS, hf_model="microsoft/wavlm-base-plus"),
 }
 
 
@@ -152,8 +168,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag that shapes the model or its loss; presets set their defaults."""
     g = parser.add_argument_group("model")
     g.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS), help="named model size; explicit flags override it")
-    g.add_argument("--encoder", type=str, default="zipformer", choices=["zipformer", "early-exit"],
-                   help="zipformer: multi-rate Zipformer2 (single exit); early-exit: one-rate stack with exits (and Splitformer branches)")
+    g.add_argument("--encoder", type=str, default="zipformer", choices=["zipformer", "early-exit", "hf"],
+                   help="zipformer: multi-rate Zipformer2 (single exit); early-exit: one-rate stack with exits (and "
+                        "Splitformer branches); hf: a pretrained transformers backbone (Wav2Vec2 family) with exits")
+    # --encoder hf (splitformer.model.hf_encoder)
+    g.add_argument("--hf-model", type=str, default="",
+                   help="hf: a local model directory (config.json + weights) or a hub name (online machines only)")
+    g.add_argument("--hf-weights", type=str, default="pretrained", choices=["pretrained", "random"],
+                   help="hf: random builds the architecture only (from --hf-model's config.json, or the default "
+                        "config of the family it names), for tests and for training from scratch")
+    g.add_argument("--hf-normalize", type=str, default="auto", choices=["auto", "true", "false"],
+                   help="hf: per-utterance mean/variance normalisation of the audio; auto reads do_normalize from "
+                        "the model directory's preprocessor_config.json (true where there is none)")
+    g.add_argument("--freeze-feature-encoder", type=str2bool, default=True,
+                   help="hf: keep the convolutional feature encoder frozen (as in the papers' fine-tuning)")
+    g.add_argument("--hf-config", type=str, default="", help=argparse.SUPPRESS)  # set by build_model: the backbone's config as JSON
     g.add_argument("--encoder-embed", type=str, default="conv2d", choices=["conv2d", "conv1d"],
                    help="conv2d: Zipformer's x2 front end (+ConvNeXt); conv1d: the papers' x4 front end")
     g.add_argument("--feature-norm", type=str, default="global", choices=["global", "none"],
@@ -216,6 +245,8 @@ ARCH_KEYS: Tuple[str, ...] = (
     "decoder_dim", "joiner_dim", "context_size", "use_transducer", "use_ctc", "vocab_size",
 )
 MODEL_KEYS: Tuple[str, ...] = ARCH_KEYS + (
+    # the backbone's architecture is hf_config itself (resolved when the model is first built); hf_model may move
+    "hf_model", "hf_weights", "hf_normalize", "hf_config", "freeze_feature_encoder",
     "preset", "dropout", "prune_range", "lm_scale", "am_scale", "simple_loss_scale", "ctc_loss_scale",
     "exit_loss_weights", "train_exits",
 )
@@ -272,6 +303,10 @@ def _first(s: Any) -> int:
 
 def encoder_output_frames(args: argparse.Namespace, num_frames: int) -> int:
     """Encoder output length for ``num_frames`` fbank frames, without building the model."""
+    if args.encoder == "hf":  # the backbone's convolutions over the samples of those 10 ms frames
+        from splitformer.model.hf_encoder import conv_output_length
+
+        return conv_output_length(_hf_conv(args), num_frames * 160)
     if args.encoder_embed == "conv1d":
         t = (num_frames - 3) // 4
     else:
@@ -281,6 +316,43 @@ def encoder_output_frames(args: argparse.Namespace, num_frames: int) -> int:
     else:
         downsample = int(args.input_downsample)
     return (t + downsample - 1) // downsample if t > 0 else t
+
+
+def _hf_conv(args: argparse.Namespace) -> argparse.Namespace:
+    """The convolution shapes of the backbone (transformers' Wav2Vec2 defaults until it is built)."""
+    import json
+
+    d = json.loads(args.hf_config) if getattr(args, "hf_config", "") else {}
+    return argparse.Namespace(conv_kernel=d.get("conv_kernel", (10, 3, 3, 3, 3, 2, 2)),
+                              conv_stride=d.get("conv_stride", (5, 2, 2, 2, 2, 2, 2)))
+
+
+def _hf_normalize(args: argparse.Namespace) -> bool:
+    """--hf-normalize, with auto read from the model directory's preprocessor_config.json."""
+    import json
+    from pathlib import Path
+
+    if args.hf_normalize in ("true", "false"):
+        return args.hf_normalize == "true"
+    pre = Path(args.hf_model or ".") / "preprocessor_config.json"
+    if args.hf_model and pre.is_file():
+        return bool(json.loads(pre.read_text()).get("do_normalize", True))
+    return True
+
+
+def build_hf_encoder(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module]:
+    """(front end, encoder) of ``--encoder hf``. Records the backbone's config (``args.hf_config``) and the
+    resolved normalisation in ``args``, so that a checkpoint rebuilds the same model without the original files."""
+    from splitformer.model.hf_encoder import HfExitEncoder, WaveformInput, load_backbone
+
+    if not args.hf_config and not args.hf_model:
+        raise ValueError("--encoder hf needs --hf-model DIR (a transformers model directory) or a preset "
+                         "(w2v2-base-exits, hubert-base-exits, wavlm-base-plus-exits)")
+    backbone = load_backbone(args.hf_model, args.hf_weights, args.hf_config)
+    args.hf_normalize = "true" if _hf_normalize(args) else "false"
+    args.hf_config = backbone.config.to_json_string(use_diff=False)
+    enc = HfExitEncoder(backbone, to_int_tuple(args.exit_layers), freeze_feature_encoder=args.freeze_feature_encoder)
+    return WaveformInput(normalize=args.hf_normalize == "true"), enc
 
 
 def build_encoder_embed(args: argparse.Namespace, out_dim: int) -> nn.Module:
@@ -354,9 +426,14 @@ def build_model(args: argparse.Namespace, vocab_size: Optional[int] = None) -> A
     if not vocab_size:
         raise ValueError("vocab_size is unknown: pass it, or set args.vocab_size (from data/lang_bpe_<N>/tokens.txt)")
     args.vocab_size = int(vocab_size)
-    encoder, embed_dim = build_encoder(args)
+    if args.encoder == "hf":
+        encoder_embed, encoder = build_hf_encoder(args)
+        args.feature_norm = "none"  # fbank statistics mean nothing to a waveform model
+    else:
+        encoder, embed_dim = build_encoder(args)
+        encoder_embed = build_encoder_embed(args, embed_dim)
     return AsrModel(
-        encoder_embed=build_encoder_embed(args, embed_dim),
+        encoder_embed=encoder_embed,
         encoder=encoder,
         vocab_size=int(vocab_size),
         decoder_dim=args.decoder_dim,

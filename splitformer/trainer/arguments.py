@@ -51,6 +51,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--num-threads", type=int, default=0,
              help="CPU threads of each process; 0: torch's default (the cores, shared out among DDP ranks). "
                   "1 lets two CPU runs share a 2-core machine without fighting over both cores.")
+    # pretrained backbones (--encoder hf)
+    add_flag(g, "--backbone-lr-scale", type=float, default=0.1,
+             help="--encoder hf: the backbone's learning rate as a fraction of --base-lr (heads, decoder and "
+                  "joiner learn at --base-lr)")
+    add_flag(g, "--freeze-backbone-steps", type=int, default=0,
+             help="--encoder hf: train only the heads, decoder and joiner for the first N updates")
     # speed
     add_flag(g, "--use-fp16", type=str2bool, default=False, help="fp16 autocast + GradScaler (CUDA only).")
     add_flag(g, "--use-bf16", type=str2bool, default=False, help="bf16 autocast (no scaler needed).")

@@ -21,6 +21,7 @@ from splitformer.trainer.diagnostics import ModuleDiagnostics, register_inf_chec
 from splitformer.trainer.distributed import DistContext, any_true, gather
 from splitformer.trainer.guards import (BadBatchGuard, TrainingError, batch_info, check_max_duration,
                                         grads_finite, is_oom)
+from splitformer.data.datamodule import fbank_frames, input_lens
 from splitformer.trainer.objective import Metrics, combine_losses, encoder_frames, warmup_scales
 from splitformer.trainer.state import load_resume_checkpoint, restore_model
 
@@ -30,6 +31,13 @@ def fix_random_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """--freeze-backbone-steps: a pretrained backbone runs without gradients while ``frozen``."""
+    for m in model.modules():
+        if hasattr(m, "backbone_frozen"):
+            m.backbone_frozen = frozen
 
 
 def set_batch_count(model: nn.Module, count: float) -> None:
@@ -56,10 +64,14 @@ class Trainer:
         self.tokenizer = parts.build_tokenizer(args)
         from splitformer.model.config import build_model, exit_loss_weights
 
-        model = build_model(args, self.tokenizer.vocab_size)  # sets args.vocab_size
+        try:
+            model = build_model(args, self.tokenizer.vocab_size)  # sets args.vocab_size
+        except ValueError as e:  # flags that describe no model, a backbone that cannot be loaded
+            raise TrainingError(str(e)) from e
         if args.debug_float64:  # for tests that compare runs to 1e-5 (float32 rounding noise gets amplified by Adam)
             model.double()
         self.dtype = next(model.parameters()).dtype
+        args.input_kind = model.input_kind  # fbank, or audio samples for a waveform backbone
         self.dm = parts.build_datamodule(args)
         parts.set_feature_stats(model, self.dm)  # a resumed run then loads the saved ones over these
         self.model_args = model_args_dict(args)
@@ -177,7 +189,7 @@ class Trainer:
         so that losses of different epochs are comparable."""
         feats = batch["inputs"].to(self.device, dtype=self.dtype, non_blocking=True)
         sup = batch["supervisions"]
-        feat_lens = sup["num_frames"].to(self.device)
+        feat_lens = input_lens(sup).to(self.device)
         y = self.tokenizer.encode(list(sup["text"]))
         with self.autocast():
             out = model(feats, feat_lens, y, prune_range=self.args.prune_range, am_scale=self.args.am_scale,
@@ -185,7 +197,7 @@ class Trainer:
         step = self.args.warm_step if final_scales else self.batch_idx_train
         s_simple, s_pruned = warmup_scales(step, self.args.warm_step, self.args.simple_loss_scale)
         loss, info = combine_losses(out, weights, s_simple, s_pruned, self.args.ctc_loss_scale)
-        info["frames"] = encoder_frames(sup["num_frames"])
+        info["frames"] = encoder_frames(fbank_frames(sup))
         info["utterances"] = len(sup["text"])
         return loss, info
 
@@ -306,6 +318,7 @@ class Trainer:
             batch_idx_epoch += 1
             self.batch_idx_train += 1
             set_batch_count(self.model, self.batch_idx_train * a.max_duration * ctx.world_size / a.schedule_ref_duration)
+            set_backbone_frozen(self.model, self.batch_idx_train <= a.freeze_backbone_steps)
             if dump is not None:
                 dump.write(f"{epoch}\t{self.batch_idx_train}\t{' '.join(batch_info(batch).cut_ids)}\n")
             self.sampler_state = batch.pop("sampler_state", None)

@@ -66,10 +66,25 @@ def sampler_of(dl):
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace):
-    """ScaledAdam over named parameters (so clipping messages can name the culprit)."""
+    """ScaledAdam over named parameters (so clipping messages can name the culprit).
+
+    Frozen parameters (a backbone's feature encoder) are left out. A pretrained backbone's parameters form a
+    group of their own, at ``--backbone-lr-scale`` times the learning rate and without ScaledAdam's bounds on
+    tensor size and scalar values: those suit weights trained from scratch, not ones that come with their
+    own scale."""
+    from splitformer.model.hf_encoder import backbone_parameters
     from splitformer.optim import ScaledAdam
 
-    return ScaledAdam(list(model.named_parameters()), lr=args.base_lr, clipping_scale=2.0)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    in_backbone = {n for n, _ in backbone_parameters(model)}
+    if not in_backbone:
+        return ScaledAdam(trainable, lr=args.base_lr, clipping_scale=2.0)
+    groups = [
+        {"named_params": [(n, p) for n, p in trainable if n not in in_backbone]},
+        {"named_params": [(n, p) for n, p in trainable if n in in_backbone],
+         "lr": args.base_lr * args.backbone_lr_scale, "param_max_rms": float("inf"), "scalar_max": float("inf")},
+    ]
+    return ScaledAdam([g for g in groups if g["named_params"]], lr=args.base_lr, clipping_scale=2.0)
 
 
 def build_scheduler(optimizer, args: argparse.Namespace):
