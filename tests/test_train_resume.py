@@ -41,3 +41,21 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     (again / "epoch-1.pt").write_bytes((cut / "epoch-1.pt").read_bytes())
     assert train_here([*COMMON, "--exp-dir", str(again), "--start-epoch", "2"], tiny_data)[0] == 0
     assert max_abs_diff(load_weights(a), load_weights(again / "epoch-2.pt")) <= 1e-5
+
+
+def test_resume_with_data_loader_workers_is_exact_for_a_splitformer(tiny_data, tmp_path):
+    """With 2 workers, SpecAugment on and Splitformer branches on, a killed and resumed run lands on the
+    uninterrupted run's weights: each batch draws its augmentation from its own seed (seed, epoch, batch index),
+    not from a worker's stream. The same seeds make the worker count irrelevant: 0 workers give the same run."""
+    split = ["--split-blocks", "0,1", "--enable-spec-aug", "true", "--num-workers", "2"]
+    ref, cut, inline = tmp_path / "ref", tmp_path / "cut", tmp_path / "inline"
+    assert train_here([*COMMON, *split, "--exp-dir", str(ref)], tiny_data)[0] == 0
+    p = run_train([*COMMON, *split, "--exp-dir", str(cut), "--debug-kill-after-batch", "3"], tiny_data, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert train_here([*COMMON, *split, "--exp-dir", str(cut), "--start-batch", "2"], tiny_data)[0] == 0
+    a = load_weights(ref / "epoch-2.pt")
+    assert any("branch" in k for k in a), "the Splitformer's branches are not in the model"
+    assert max_abs_diff(a, load_weights(cut / "epoch-2.pt")) <= 1e-5
+    assert max_abs_diff(load_weights(ref / "epoch-2.pt", "model_avg"), load_weights(cut / "epoch-2.pt", "model_avg")) <= 1e-5
+    assert train_here([*COMMON, *split[:-2], "--num-workers", "0", "--exp-dir", str(inline)], tiny_data)[0] == 0
+    assert max_abs_diff(a, load_weights(inline / "epoch-2.pt")) <= 1e-5

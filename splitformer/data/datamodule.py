@@ -66,25 +66,45 @@ def frames_after_subsampling(num_frames: int) -> int:
     return ((num_frames - 7) // 2 + 1) // 2
 
 
+def batch_seed(seed: int, epoch: int, batch_index: int, rank: int = 0) -> int:
+    """The seed of one training batch's random draws (augmentation): a function of where the batch is in the
+    run, not of which data-loader worker makes it or what that worker made before."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, batch_index, rank]).generate_state(1)[0])
+
+
 class _StatefulSampler(torch.utils.data.Sampler):
-    """Yields (cuts, sampler state after these cuts), so that each batch carries its own resume point."""
+    """Yields (cuts, sampler state after these cuts, the batch's seed), so that each batch carries its own resume
+    point, and its random draws are the same however many workers there are and after a resume."""
 
     def __init__(self, sampler):
         super().__init__()
         self.sampler = sampler
+        self.batch_index = 0  # batches yielded in this epoch (restored by load_state_dict)
+        self._resumed = False
 
-    def __iter__(self) -> Iterator[Tuple[CutSet, Dict[str, Any]]]:
-        for cuts in self.sampler:
-            yield cuts, self.sampler.state_dict()
+    def __iter__(self) -> Iterator[Tuple[CutSet, Dict[str, Any], int]]:
+        if not self._resumed:
+            self.batch_index = 0
+        self._resumed = False
+        s = self.sampler
+        for cuts in s:
+            seed = batch_seed(int(getattr(s, "seed", 0)), int(s.epoch), self.batch_index, int(getattr(s, "rank", 0)))
+            self.batch_index += 1
+            yield cuts, self.state_dict(), seed
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> Dict[str, Any]:
-        return self.sampler.state_dict()
+        return dict(self.sampler.state_dict(), splitformer_batch_index=self.batch_index)
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.sampler.load_state_dict(copy.deepcopy(sd))  # lhotse consumes the dict it is given
+        sd = copy.deepcopy(sd)  # lhotse consumes the dict it is given
+        self.batch_index = int(sd.pop("splitformer_batch_index", 0))
+        self._resumed = True
+        self.sampler.load_state_dict(sd)
 
     def __getattr__(self, name: str):  # anything else (epoch, diagnostics, ...) is the lhotse sampler's
         if "sampler" not in self.__dict__:
@@ -93,12 +113,27 @@ class _StatefulSampler(torch.utils.data.Sampler):
 
 
 class _WithSamplerState(torch.utils.data.Dataset):
+    """Makes a batch under its own seed (``random``, numpy and torch, restored afterwards): the cut transforms
+    and SpecAugment draw the same for a batch in a worker or in the main process, first time or after a resume,
+    and the main process's own random stream (dropout) is left as it was."""
+
     def __init__(self, dataset: K2SpeechRecognitionDataset):
         self.dataset = dataset
 
-    def __getitem__(self, item: Tuple[CutSet, Dict[str, Any]]) -> Dict[str, Any]:
-        cuts, state = item
-        batch = self.dataset[cuts]
+    def __getitem__(self, item: Tuple[CutSet, Dict[str, Any], int]) -> Dict[str, Any]:
+        import numpy as np
+
+        cuts, state, seed = item
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                batch = self.dataset[cuts]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
         batch["sampler_state"] = state
         return batch
 
@@ -108,7 +143,7 @@ class SwapVariants:
 
     Variants (``./prepare.sh --variants true``: ``<split>-narrowband``, ``<split>-trimmed``) keep the
     cut's id and transcript and carry their own features, so the swap costs nothing at load time. It draws
-    from ``random``, which the DataLoader seeds in each worker from the epoch's torch seed, like SpecAugment.
+    from ``random``, which each training batch seeds from its place in the run (``batch_seed``).
     """
 
     def __init__(self, variants: Dict[str, List[Any]], p: float) -> None:
