@@ -9,7 +9,8 @@ Parts (median wall seconds over --repeats steps, after --warmup steps):
   optimizer   ScaledAdam.step() + zero_grad()
 "step" is the sum; the last column is the step's ratio to the first preset's. A second table times the
 losses alone with only the top exit trained and with every exit trained, on the same encoder output: the
-stacked loss call is what keeps six exits from costing six times one.
+stacked loss call is what keeps six exits from costing six times one. A third (--breakdown PRESET) splits that
+preset's loss time by op class under the profiler, top exit against all exits: what grows with the exits.
 
   python bench/train_step.py --presets zipformer-cpu,ee-zipformer-cpu,splitformer-cpu
   python bench/train_step.py --device cuda        # where a GPU is present
@@ -101,6 +102,51 @@ def loss_only(model, feats, lens, ys, exits: List[int], device, warmup: int, rep
     return statistics.median(once() for _ in range(repeats))
 
 
+# aten ops by what they do in the losses: the projections and joiner are matrix products over (E*B, T, prune range)
+OP_CLASSES = (
+    ("matrix products (projections, joiner)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("tanh, softmax, gather, logsumexp", ("aten::tanh", "aten::tanh_backward", "aten::log_softmax", "aten::_log_softmax",
+                                          "aten::_log_softmax_backward_data", "aten::gather", "aten::logsumexp",
+                                          "aten::scatter_add_", "aten::exp")),
+)
+
+
+def loss_breakdown(model, feats, lens, ys, device, repeats: int) -> None:
+    """Self CPU seconds per op class of the top-exit-only and the all-exit (stacked) losses, forward + backward:
+    which part of the loss grows with the number of exits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        x, x_lens = model.encoder_embed(model.normalize(feats), lens)
+        outs = [(e, o.detach(), l) for e, (o, l) in zip(model.exits, model.encoder(x, x_lens))]
+
+    def classify(exits: List[int]) -> Dict[str, float]:
+        loss_only(model, feats, lens, ys, exits, device, 1, 1)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                leaves = [(e, o.clone().requires_grad_(True), l) for e, o, l in outs]
+                res = model.losses_from_exits(leaves, ys, exit_layers=exits)
+                sum(v["pruned"] + 0.5 * v["simple"] + 0.2 * v["ctc"] for v in res.values()).backward()
+                model.zero_grad(set_to_none=True)
+        out = {name: 0.0 for name, _ in OP_CLASSES}
+        out["everything else"] = 0.0
+        for ev in prof.key_averages():
+            name = next((n for n, ops in OP_CLASSES if ev.key in ops), "everything else")
+            out[name] += ev.self_cpu_time_total / 1e6 / repeats
+        return out
+
+    one, every = classify(model.exits[-1:]), classify(model.exits)
+    print()
+    print(f"loss time by op class (self CPU seconds per step, mean of {repeats}, profiler on), top exit vs all "
+          f"{len(model.exits)} exits stacked:")
+    print("| op class | top exit | all exits | ratio |")
+    print("|---|---:|---:|---:|")
+    for k in one:
+        print(f"| {k} | {one[k]:.4f} | {every[k]:.4f} | {every[k] / max(one[k], 1e-9):.2f} |")
+    print(f"| total | {sum(one.values()):.4f} | {sum(every.values()):.4f} | "
+          f"{sum(every.values()) / sum(one.values()):.2f} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="zipformer-cpu,ee-zipformer-cpu,splitformer-cpu")
@@ -110,6 +156,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--breakdown", default="ee-zipformer-cpu",
+                   help="also split this preset's loss time by op class, top exit against all exits ('' to skip)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +200,9 @@ def main() -> int:
         enc = median_parts(enc_fwd_bwd, args.warmup, args.repeats)["t"]
         print(f"| {preset} | {len(model.exits)} | {one:.3f} | {looped:.3f} | {every:.3f} | {every / one:.2f} | {enc:.3f} | "
               f"{step / enc:.2f} |")
+    for preset, model, _ in rows:
+        if preset == args.breakdown:
+            loss_breakdown(model, feats, lens, ys, device, args.repeats)
     return 0
 
 

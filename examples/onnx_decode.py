@@ -19,7 +19,8 @@ below it, or mean max posterior above it; the last exit always stops), then deco
 exit never run. The exit each file stopped at goes to stderr.
 
 Needs numpy, soundfile, kaldi-native-fbank and onnxruntime (scipy to resample audio that is not 16 kHz),
-and the features of splitformer.decoding.audio, which import no torch.
+and the features of splitformer.decoding.audio, which import no torch. A model exported from a pretrained
+backbone (``--encoder hf``; metadata ``input=waveform``) is fed the 16 kHz samples instead of fbank.
 """
 import argparse
 import sys
@@ -66,8 +67,19 @@ def to_text(ids: List[int], tokens: Dict[int, str]) -> str:
     return " ".join("".join(tokens[i] for i in ids).replace("\u2581", " ").split())
 
 
+def model_input(path: Path, meta: Dict[str, str]) -> np.ndarray:
+    """What the exported model reads (its metadata's ``input``): (T, 80) fbank, or (S,) 16 kHz samples."""
+    samples = audio(path)
+    return samples if meta.get("input", "fbank") == "waveform" else fbank(samples)
+
+
 def features(path: Path) -> np.ndarray:
-    """(T, 80) float32 log-mel features of a file, mixed to mono and resampled to 16 kHz."""
+    """(T, 80) float32 log-mel features of a file (what our fbank models read)."""
+    return fbank(audio(path))
+
+
+def audio(path: Path) -> np.ndarray:
+    """(S,) float32 samples of a file, mixed to mono and resampled to 16 kHz."""
     import soundfile as sf
 
     samples, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -79,7 +91,7 @@ def features(path: Path) -> np.ndarray:
 
         g = gcd(sr, SAMPLE_RATE)
         samples = resample_poly(samples, SAMPLE_RATE // g, sr // g).astype(np.float32)
-    return fbank(samples)
+    return samples
 
 
 class Session:
@@ -171,7 +183,7 @@ def main(argv=None) -> int:
         context = int(decoder.meta.get("context_size", 2))
     blank = int(model.meta.get("blank_id", 0))
     for f in args.sound_files:
-        x = features(f)
+        x = model_input(f, model.meta)
         out, out_lens = model(x[None], np.array([x.shape[0]], dtype=np.int64))
         n = int(out_lens[0])
         if args.method == "ctc":
@@ -189,7 +201,7 @@ def decode_dynamic(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
         context = int(decoder.meta.get("context_size", 2))
     blank = int(runner.blocks[0].meta.get("blank_id", 0))
     for f in args.sound_files:
-        exit_layer, outs, n = runner.run(features(f), args.exit_strategy, args.exit_threshold)
+        exit_layer, outs, n = runner.run(model_input(f, runner.stem.meta), args.exit_strategy, args.exit_threshold)
         if args.method == "ctc":
             ids = ctc_greedy(outs["log_probs"][0, :n], blank)
         else:

@@ -79,9 +79,6 @@ def _export(args: argparse.Namespace) -> List[Path]:
     out_dir = args.output_dir or args.exp_dir / "onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
-    if args.onnx and model.input_kind != "fbank":
-        raise ExportError(f"this model reads raw audio ({model.input_kind}, --encoder hf): its ONNX export is not "
-                          "supported yet. Use --onnx false, which writes pretrained.pt for pretrained.py")
     if args.onnx:
         exits = parse_exits(args.exit_layer, model.exits)
         res = export_model(model, flags, out_dir, exits, opset=args.opset, int8=args.int8, tokens=args.tokens,

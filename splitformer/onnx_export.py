@@ -33,6 +33,7 @@ Metadata (``metadata_props``) of the encoder and CTC files: ``model_type`` (``zi
 ``decoder.onnx``: ``context_size``, ``vocab_size``; ``joiner.onnx``: ``joiner_dim``, ``vocab_size``.
 """
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -48,6 +49,8 @@ from torch import Tensor, nn
 from splitformer.model.asr_model import AsrModel
 
 FEATURE_DIM = 80
+SAMPLE_RATE = 16000
+SAMPLES_PER_FRAME = 160  # 16 kHz samples per 10 ms fbank frame
 DEFAULT_OPSET = 17
 DEFAULT_MAX_FRAMES = 12000  # 2 minutes of 10 ms frames
 MODEL_AUTHOR = "splitformer"
@@ -197,17 +200,28 @@ def architecture_name(args: Mapping[str, Any]) -> str:
     """Short description of the encoder, e.g. ``zipformer2``, ``early-exit-conformer``, ``splitformer-zipformer``."""
     if args.get("encoder", "zipformer") == "zipformer":
         return "zipformer2"
+    if args.get("encoder") == "hf":
+        return f"hf-{json.loads(args['hf_config'])['model_type']}"
     layer = args.get("layer_type", "zipformer")
     split = str(args.get("split_blocks", "") or "").strip()
     return f"{'splitformer' if split else 'early-exit'}-{layer}"
 
 
 def subsampling_factor(args: Mapping[str, Any]) -> int:
-    """Input frames per encoder output frame (front end x encoder downsampling)."""
+    """Input frames (samples for a waveform model) per encoder output frame (front end x encoder downsampling)."""
+    if args.get("encoder") == "hf":
+        return int(np.prod(json.loads(args["hf_config"])["conv_stride"]))
     front = 2 if args.get("encoder_embed", "conv2d") == "conv2d" else 4
     if args.get("encoder", "zipformer") == "zipformer":
         return front * 2
     return front * int(args.get("input_downsample", 1))
+
+
+def input_batch(model: AsrModel, lens: Sequence[int], generator: Optional[torch.Generator] = None) -> Tensor:
+    """Inputs of the model's kind for utterances of ``lens`` (fbank frames, or samples for a waveform model):
+    random with ``generator``, zeros without."""
+    shape = (len(lens), max(lens)) + (() if model.input_kind == "waveform" else (FEATURE_DIM,))
+    return torch.randn(shape, generator=generator) if generator is not None else torch.zeros(shape)
 
 
 def example_lengths(model: AsrModel, target: int = 160, modulus: int = 16) -> int:
@@ -216,9 +230,11 @@ def example_lengths(model: AsrModel, target: int = 160, modulus: int = 16) -> in
     Such a length is odd at every x2 stage (``ceil`` halving keeps it 1 mod 2^k), so traced downsampling
     records its padding branch, which is also correct (pads nothing) for lengths that need no padding.
     """
+    if model.input_kind == "waveform":  # a backbone's convolutions have no padding branch: any length will do
+        return target * SAMPLES_PER_FRAME + 37
     with torch.no_grad():
         for t in range(target, target + 8 * modulus):
-            _, lens = model.encoder_embed(torch.zeros(1, t, FEATURE_DIM), torch.tensor([t]))
+            _, lens = model.encoder_embed(input_batch(model, [t]), torch.tensor([t]))
             if int(lens[0]) % modulus == 1:
                 return t
     raise ExportError(f"no feature length in {target}..{target + 8 * modulus} gives a front-end length of 1 mod {modulus}")
@@ -228,8 +244,8 @@ def example_features(model: AsrModel, seed: int = 0) -> Tuple[Tensor, Tensor]:
     """A batch of two with one padded utterance: traced code then keeps its masking/padding path."""
     t = example_lengths(model)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, t, FEATURE_DIM, generator=g)
-    return x, torch.tensor([t, t * 5 // 8], dtype=torch.int64)
+    lens = [t, t * 5 // 8]
+    return input_batch(model, lens, g), torch.tensor(lens, dtype=torch.int64)
 
 
 def extend_positional_tables(model: AsrModel, max_frames: int) -> Dict[str, int]:
@@ -261,7 +277,7 @@ def extend_positional_tables(model: AsrModel, max_frames: int) -> Dict[str, int]
         hooks = [m.register_forward_pre_hook(record(t, n)) for n, m in mods.items()]
         try:
             with torch.no_grad():
-                model.encode(torch.zeros(1, t, FEATURE_DIM), torch.tensor([t]))
+                model.encode(input_batch(model, [t]), torch.tensor([t]))
         finally:
             for h in hooks:
                 h.remove()
@@ -348,7 +364,7 @@ def compare_features_model(path: Path, module: nn.Module, lengths: Sequence[Sequ
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     for lens in lengths:
-        x = torch.randn(len(lens), max(lens), FEATURE_DIM, generator=g)
+        x = input_batch(module.model, lens, g)
         x_lens = torch.tensor(list(lens), dtype=torch.int64)
         with torch.no_grad():
             ref_out, ref_lens = module(x, x_lens)
@@ -379,8 +395,10 @@ def common_metadata(model: AsrModel, args: Mapping[str, Any]) -> Dict[str, Any]:
         "exits": ",".join(map(str, model.exits)),
         "vocab_size": model.vocab_size,
         "blank_id": model.blank_id,
-        "feature_dim": FEATURE_DIM,
         "subsampling_factor": subsampling_factor(args),
+        # x is (N, T, feature_dim) fbank, or (N, T) 16 kHz samples for a waveform model (--encoder hf)
+        "input": model.input_kind,
+        **({"sample_rate": SAMPLE_RATE} if model.input_kind == "waveform" else {"feature_dim": FEATURE_DIM}),
     }
 
 
@@ -413,7 +431,8 @@ def export_blocks(model: AsrModel, args: Mapping[str, Any], out_dir: Path, opset
     and stops at the first confident exit: the blocks above it never run (examples/onnx_decode.py
     ``--exit-strategy``). Checked against the per-exit encoders of PyTorch at the export lengths."""
     if not hasattr(model.encoder, "run_block"):
-        raise ExportError("--blocks needs an early-exit encoder (a one-rate stack with exits); this one has a single exit")
+        raise ExportError("--blocks needs one of our early-exit stacks (--encoder early-exit); this encoder has no "
+                          "per-block form (a single-exit Zipformer, or a pretrained backbone)")
     files: Dict[str, Path] = {}
     stem = Stem(model).eval()
     path = out_dir / "stem.onnx"
@@ -449,7 +468,7 @@ def compare_blocks(model: AsrModel, files: Mapping[str, Path], lengths: Sequence
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     for lens in lengths:
-        x = torch.randn(len(lens), max(lens), FEATURE_DIM, generator=g)
+        x = input_batch(model, lens, g)
         x_lens = torch.tensor(list(lens), dtype=torch.int64)
         h, h_lens = stem.run(None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
         with torch.no_grad():
@@ -513,7 +532,7 @@ def check_lengths(model: AsrModel, example_t: int) -> List[List[int]]:
     with torch.no_grad():
         t = example_t + 5
         while len(longs) < 4:
-            _, lens = model.encoder_embed(torch.zeros(1, t, FEATURE_DIM), torch.tensor([t]))
+            _, lens = model.encoder_embed(input_batch(model, [t]), torch.tensor([t]))
             longs.setdefault(int(lens[0]) % 4, t)
             t += 1
     return [[longs[0], example_t // 2 + 1, longs[2]], [longs[1]], [longs[3], longs[3] * 2 // 3]]

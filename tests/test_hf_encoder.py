@@ -234,14 +234,12 @@ def test_pretrained_py_transcribes_the_sph_files(overfit_hf, capsys):
     assert [ln.split("\t", 1)[1] if "\t" in ln else "" for ln in lines] == t["words"][4]
 
 
-def test_export_writes_pretrained_pt_and_refuses_onnx(overfit_hf, capsys):
+def test_export_writes_pretrained_pt(overfit_hf, capsys):
     from splitformer.export import main as export_main
     from splitformer.pretrained import main as pretrained_main
 
     t = overfit_hf
     exp = ["--exp-dir", str(t["root"] / "exp"), "--epoch", "1", "--avg", "1", "--output-dir", str(t["root"] / "export")]
-    with pytest.raises(SystemExit, match="--onnx false"):
-        export_main(exp)
     (written,) = export_main(exp + ["--onnx", "false"])
     files = [c.recording.sources[0].source for c in t["cuts"].sort_by_duration(ascending=False)]
     capsys.readouterr()
@@ -288,3 +286,38 @@ def test_train_py_fine_tunes_from_a_model_directory(overfit_hf, tmp_path):
     assert torch.equal(second["model"][conv], original[conv])  # the feature encoder stays frozen
     log = (tmp_path / "exp" / "log" / "epochs.txt").read_text()
     assert "epoch 2: train loss" in log and "nan" not in log.lower()
+
+
+def test_onnx_export_and_onnxruntime_give_pretrained_pys_words(overfit_hf, capsys):
+    """export.py checks every exported exit against PyTorch over other lengths and batch shapes; the
+    onnxruntime example (no torch) then transcribes the .sph files as pretrained.py does."""
+    import subprocess
+    import sys
+
+    from splitformer.export import main as export_main
+    from splitformer.onnx_export import read_metadata
+
+    t = overfit_hf
+    out = t["root"] / "onnx"
+    tokens = t["bpe"].parent / "tokens.txt"
+    export_main(["--exp-dir", str(t["root"] / "exp"), "--epoch", "1", "--avg", "1", "--output-dir", str(out),
+                 "--tokens", str(tokens), "--pretrained", "false"])
+    meta = read_metadata(out / "ctc-exit4.onnx")
+    assert meta["input"] == "waveform" and meta["sample_rate"] == "16000" and meta["subsampling_factor"] == "320"
+    assert meta["architecture"] == "hf-wav2vec2"
+    files = [c.recording.sources[0].source for c in t["cuts"].sort_by_duration(ascending=False)]
+    repo = Path(__file__).resolve().parents[1]
+
+    def transcripts(cmd: list) -> list:
+        proc = subprocess.run([sys.executable, *cmd, *files], capture_output=True, text=True, check=True)
+        return [ln.split("\t", 1)[1] if "\t" in ln else "" for ln in proc.stdout.splitlines() if ln.strip()]
+
+    for method, exit_layer in (("ctc", 4), ("ctc", 2), ("transducer", 4)):
+        words = transcripts([str(repo / "examples" / "onnx_decode.py"), "--model-dir", str(out),
+                             "--exit-layer", str(exit_layer), "--method", method])
+        if method == "ctc":
+            assert words == t["words"][exit_layer]
+        else:  # the transducer's greedy search: as pretrained.py's
+            assert words == transcripts([str(repo / "splitformer" / "pretrained.py"), "--checkpoint",
+                                         str(t["root"] / "exp" / "epoch-1.pt"), "--bpe-model", str(t["bpe"]),
+                                         "--exit-layer", "4", "--decoding-method", "greedy_search"])
