@@ -65,7 +65,7 @@ def overfit(model, cuts: CutSet, tok: Tokenizer, lr: float = 0.04) -> Tuple[List
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         # Stop as soon as every exit transcribes (nearly) all eight: thread-count noise changes the exact step.
         if step % 20 == 0 and losses[-1] < 0.1 * losses[0] and all_exits_know(recovered()):
             break
