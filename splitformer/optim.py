@@ -189,6 +189,10 @@ class ScaledAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, (group, names) in enumerate(zip(self.param_groups, self.param_names)):
+            if all(p.grad is None for p in group["params"]):
+                # a group no loss reached this step (a backbone under --freeze-backbone-steps): leave it alone, so
+                # that its clipping history holds no zero norms and its step count (Adam's bias correction) waits
+                continue
             batches = []
             for plist, nlist in self._batches(group, names):
                 if any(p.grad is not None and p.grad.is_sparse for p in plist):

@@ -13,7 +13,7 @@ from hf_fixture import VARIANTS, tiny_backbone, tiny_backbone_dir
 from recogs import read_recogs
 from splitformer.decoding.loading import build_and_load, checkpoint_args
 from splitformer.model.config import build_model, default_model_args, model_args_dict
-from splitformer.model.hf_encoder import HfBackboneError, load_backbone
+from splitformer.model.hf_encoder import HfBackboneError, HfExitEncoder, load_backbone
 from splitformer.summary import count_params, exit_macs
 
 torch.set_num_threads(1)
@@ -37,16 +37,33 @@ def audio(lens=(16000, 11200)):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_a_loaded_directory_gives_the_original_models_outputs(variant, tmp_path):
+    """Each utterance of a padded batch gets what transformers' own model gives it alone (unpadded): for the "group"
+    feature encoders that needs the padding-free first norm, which the same batch through transformers lacks."""
     original = tiny_backbone(variant)
     model = build_model(hf_args(tiny_backbone_dir(tmp_path, variant), hf_normalize="false"), VOCAB).eval()
     x, lens = audio()
-    mask = (torch.arange(x.size(1))[None] < lens[:, None]).long()
     with torch.no_grad():
-        ref = original(x, attention_mask=mask).last_hidden_state
         out, out_lens = model.encode(x, lens)
+        alone = [original(x[i:i + 1, :n]).last_hidden_state[0] for i, n in enumerate(lens.tolist())]
     assert out_lens.tolist() == original._get_feat_extract_output_lengths(lens).tolist() == [49, 34]
     for i, n in enumerate(out_lens.tolist()):
-        torch.testing.assert_close(out[i, :n], ref[i, :n], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out[i, :n], alone[i], atol=2e-5, rtol=1e-4)
+
+
+def test_missing_weights_and_unsupported_models_are_refused(tmp_path):
+    import transformers
+
+    d = tiny_backbone_dir(tmp_path, "wav2vec2")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(d / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, str(d / "model.safetensors"))
+    with pytest.raises(HfBackboneError, match="weights are missing"):
+        load_backbone(str(d))
+    sew = transformers.SEWModel(transformers.SEWConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                       intermediate_size=64))
+    with pytest.raises(HfBackboneError, match="model types"):
+        HfExitEncoder(sew, [1, 2])
 
 
 def test_parameters_are_the_backbones_plus_our_heads(tmp_path):

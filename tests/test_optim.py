@@ -260,3 +260,24 @@ def test_tiny_parameter_steps_at_min_rms():
     opt.step()
     step = (w.detach() - before).abs()
     assert torch.allclose(step, torch.full_like(step, 0.04 * 0.1 * 1e-5), rtol=1e-3)
+
+
+def test_a_group_without_gradients_waits():
+    """A group that no loss reached (a backbone under --freeze-backbone-steps) is left as it is: no step count,
+    no zero norms in its clipping history, so its first real update is clipped and bias-corrected as a first step."""
+    torch.manual_seed(0)
+    heads, backbone = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    opt = ScaledAdam([{"params": [heads]}, {"params": [backbone], "lr": 0.01}], lr=0.05)
+    before = backbone.detach().clone()
+    for _ in range(150):  # frozen: only the heads get gradients
+        heads.grad = torch.randn(8, 8)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert torch.equal(backbone, before) and len(opt.state[backbone]) == 0
+    for _ in range(3):  # unfrozen: it moves at once, by about lr * rms on its first step
+        backbone.grad = torch.randn(8, 8)
+        heads.grad = torch.randn(8, 8)
+        opt.step()
+        assert opt.last_clip_factors[1] > 0.0
+    assert opt.state[backbone]["step"] == 3
+    assert not torch.equal(backbone, before)

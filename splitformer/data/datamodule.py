@@ -128,7 +128,7 @@ class _WithSamplerState(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's (dropout on a GPU) is left alone
             try:
                 batch = self.dataset[cuts]
             finally:

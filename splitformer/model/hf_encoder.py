@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-SAMPLE_RATE = 16000
 # the backbone families of the presets (architecture from transformers' default config of each: the "base" sizes)
 FAMILIES = ("wav2vec2", "hubert", "wavlm")
 # eager attention: explicit matmuls, so torch's FLOP counter sees the attention products (it cannot see inside
@@ -45,7 +44,6 @@ def _transformers():
         import transformers
     except ImportError as e:  # pragma: no cover - requirements.txt installs it
         raise HfBackboneError("--encoder hf needs the transformers package: pip install transformers") from e
-    transformers.logging.set_verbosity_error()
     return transformers
 
 
@@ -86,7 +84,7 @@ def load_backbone(source: str, weights: str = "pretrained", config_json: str = "
         model = tf.AutoModel.from_config(config, attn_implementation=ATTENTION)
     elif weights == "pretrained":
         try:
-            model = tf.AutoModel.from_pretrained(source, attn_implementation=ATTENTION)
+            model, info = tf.AutoModel.from_pretrained(source, attn_implementation=ATTENTION, output_loading_info=True)
         except (OSError, ValueError) as e:
             where = "the directory has no readable config.json and weights" if Path(source).is_dir() else (
                 "it is not a local directory, and the hub is unreachable or has no such model")
@@ -95,6 +93,13 @@ def load_backbone(source: str, weights: str = "pretrained", config_json: str = "
                 f"Download it where there is internet (huggingface-cli download {source} --local-dir DIR) and pass "
                 f"--hf-model DIR, or use --hf-weights random to train the architecture from scratch"
             ) from None
+        # a task head's weights (lm_head of a *ForCTC checkpoint) are unexpected and fine; missing backbone weights
+        # would silently train from random ones
+        missing = [k for k in info.get("missing_keys", []) if not k.endswith("masked_spec_embed")]
+        if missing:
+            raise HfBackboneError(f"{source}: {len(missing)} backbone weights are missing from the checkpoint "
+                                  f"({', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); it would "
+                                  "start from random ones. Use --hf-weights random if that is what you want")
     else:
         raise HfBackboneError(f"--hf-weights must be pretrained or random, not {weights!r}")
     check_backbone(model)
@@ -110,8 +115,17 @@ def _family_of(name: str) -> Optional[str]:
     return None
 
 
+# transformers model types whose layers run one after the other at the feature encoder's frame rate (SEW, for one,
+# pools frames inside its encoder, so its output lengths would be wrong here)
+SUPPORTED_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
+
+
 def check_backbone(model: nn.Module) -> None:
     """Refuse models without the Wav2Vec2-family layout this encoder drives."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise HfBackboneError(f"--encoder hf supports the model types {', '.join(SUPPORTED_TYPES)}; this backbone is "
+                              f"{model_type!r}")
     enc = getattr(model, "encoder", None)
     ok = (hasattr(model, "feature_extractor") and enc is not None and isinstance(getattr(enc, "layers", None), nn.ModuleList)
           and hasattr(model, "_get_feat_extract_output_lengths"))
@@ -190,13 +204,42 @@ class HfExitEncoder(nn.Module):
         self.backbone_frozen = False
         # LayerDrop would skip layer 0 (and with it the hook that hands the layers to us) or an exit's own layer
         backbone.config.layerdrop = 0.0
+        # "group" feature encoders (the base checkpoints) normalise their first conv's output over the whole padded
+        # length: made padding-free here, so an utterance gives the same output alone or in any batch
+        self._sample_lens: Optional[Tensor] = None
+        if getattr(backbone.config, "feat_extract_norm", "") == "group":
+            norm = backbone.feature_extractor.conv_layers[0].layer_norm
+            if not isinstance(norm, nn.GroupNorm):  # pragma: no cover - transformers' layout
+                raise HfBackboneError(f"expected a GroupNorm after the first convolution, found {type(norm).__name__}")
+            norm.register_forward_hook(self._masked_group_norm)
 
     @property
     def num_layers(self) -> int:
         return len(self.backbone.encoder.layers)
 
     def output_lengths(self, num_samples: Tensor) -> Tensor:
-        return self.backbone._get_feat_extract_output_lengths(num_samples).to(torch.int64)
+        return self.backbone._get_feat_extract_output_lengths(num_samples).to(torch.int64).clamp(min=0)
+
+    def _masked_group_norm(self, module: nn.GroupNorm, inputs: Tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """The first conv's GroupNorm over each utterance's own frames (padding left out of the statistics)."""
+        lens = self._sample_lens
+        if lens is None:
+            return output
+        x = inputs[0]  # (B, C, T)
+        b, c, t = x.shape
+        cfg = self.backbone.config
+        frames = ((lens - cfg.conv_kernel[0]) // cfg.conv_stride[0] + 1).clamp(min=1)
+        mask = (torch.arange(t, device=x.device).unsqueeze(0) < frames.unsqueeze(1)).to(x.dtype)
+        g = module.num_groups
+        xg = x.reshape(b, g, c // g, t)
+        m = mask.reshape(b, 1, 1, t)
+        count = frames.to(x.dtype).reshape(b, 1, 1, 1) * (c // g)
+        mean = (xg * m).sum((2, 3), keepdim=True) / count
+        var = (((xg - mean) * m) ** 2).sum((2, 3), keepdim=True) / count
+        y = ((xg - mean) / torch.sqrt(var + module.eps)).reshape(b, c, t)
+        if module.affine:
+            y = y * module.weight.reshape(1, c, 1) + module.bias.reshape(1, c, 1)
+        return y
 
     def _prelude(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
         """Layer 0's input and arguments as the backbone's own forward prepares them."""
@@ -209,12 +252,14 @@ class HfExitEncoder(nn.Module):
             raise _Stop
 
         handle = self.backbone.encoder.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        self._sample_lens = x_lens
         try:
             self.backbone(x, attention_mask=mask)
         except _Stop:
             pass
         finally:
             handle.remove()
+            self._sample_lens = None
         if "h" not in got:  # pragma: no cover - a transformers change that skips layer 0
             raise HfBackboneError(f"{type(self.backbone).__name__}.forward never reached encoder.layers[0]")
         return got["h"], self.output_lengths(x_lens), got["kw"]

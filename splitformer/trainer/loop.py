@@ -288,6 +288,8 @@ class Trainer:
         resume = self.resume
         if resume is not None:
             self.sampler.load_state_dict(copy.deepcopy(resume["sampler"]))
+            if "splitformer_batch_index" not in resume["sampler"]:  # a checkpoint from before per-batch seeds
+                self.sampler.batch_index = int(resume.get("batch_idx_epoch", 0))
         it = iter(self.train_dl)  # draws a base seed from torch's RNG: restore after it
         batch_idx_epoch = 0
         if resume is not None:
