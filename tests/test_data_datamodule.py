@@ -196,3 +196,34 @@ def test_musan_mixing(an4_data, tmp_path):
     assert batch_ids(b) and b["inputs"].shape[2] == 80
     with pytest.raises(FileNotFoundError, match="musan"):
         make_dm(an4_data, "--enable-musan", "true", "--musan-cuts", str(tmp_path / "nope.jsonl.gz")).train_dataloader(cuts)
+
+
+def test_a_batch_draws_from_its_own_seed_and_leaves_the_process_stream_alone():
+    """_WithSamplerState: the cut transforms (python random, and a transform's own generator as lhotse's CutMix
+    keeps) and the input transforms (torch) draw the same for the same batch seed, whatever was drawn before; the
+    caller's random and torch streams come back as they were."""
+    import random
+
+    from splitformer.data.datamodule import _WithSamplerState
+
+    class OwnRng:  # like CutMix: a generator of its own, created once
+        rng = random.Random(0)
+
+    class Dataset:
+        cut_transforms = [OwnRng()]
+
+        def __getitem__(self, cuts):
+            return {"draws": (random.random(), self.cut_transforms[0].rng.random(),
+                              float(torch.rand(())))}
+
+    ds = _WithSamplerState(Dataset())
+    random.seed(1)
+    torch.manual_seed(1)
+    expected_py, expected_torch = random.random(), float(torch.rand(()))
+    random.seed(1)
+    torch.manual_seed(1)
+    a = ds[(None, {}, 123)]["draws"]
+    ds[(None, {}, 7)]  # another batch in between
+    b = ds[(None, {}, 123)]["draws"]
+    assert a == b and a != ds[(None, {}, 7)]["draws"]
+    assert random.random() == expected_py and float(torch.rand(())) == expected_torch

@@ -129,6 +129,9 @@ class _WithSamplerState(torch.utils.data.Dataset):
             random.seed(seed)
             np.random.seed(seed)
             torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's (dropout on a GPU) is left alone
+            for t in getattr(self.dataset, "cut_transforms", None) or []:
+                if hasattr(t, "rng"):  # lhotse transforms with a generator of their own (CutMix: MUSAN mixing)
+                    t.rng = random.Random(seed)
             try:
                 batch = self.dataset[cuts]
             finally:
