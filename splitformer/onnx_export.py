@@ -46,11 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from splitformer.model.asr_model import AsrModel
+from splitformer.model.asr_model import INPUT_RATES, SAMPLES_PER_FRAME, AsrModel
 
 FEATURE_DIM = 80
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = 160  # 16 kHz samples per 10 ms fbank frame
 DEFAULT_OPSET = 17
 DEFAULT_MAX_FRAMES = 12000  # 2 minutes of 10 ms frames
 MODEL_AUTHOR = "splitformer"
@@ -398,7 +396,7 @@ def common_metadata(model: AsrModel, args: Mapping[str, Any]) -> Dict[str, Any]:
         "subsampling_factor": subsampling_factor(args),
         # x is (N, T, feature_dim) fbank, or (N, T) 16 kHz samples for a waveform model (--encoder hf)
         "input": model.input_kind,
-        **({"sample_rate": SAMPLE_RATE} if model.input_kind == "waveform" else {"feature_dim": FEATURE_DIM}),
+        **({"sample_rate": INPUT_RATES["waveform"]} if model.input_kind == "waveform" else {"feature_dim": FEATURE_DIM}),
     }
 
 

@@ -238,17 +238,24 @@ def test_decode_py_all_exits_and_dynamic_exits_on_audio(overfit_hf):
     assert dyn and all(r["wer"] <= max(x["wer"] for x in by_exit.values()) for r in dyn)
 
 
+def _sph_files(t) -> list:
+    """The overfit cuts' audio files, in the order of the training batch (longest first)."""
+    return [c.recording.sources[0].source for c in t["cuts"].sort_by_duration(ascending=False)]
+
+
+def _transcripts(stdout: str) -> list:
+    """The transcripts of pretrained.py's / onnx_decode.py's ``<file>\t<transcript>`` lines."""
+    return [ln.split("\t", 1)[1] if "\t" in ln else "" for ln in stdout.splitlines() if ln.strip()]
+
+
 def test_pretrained_py_transcribes_the_sph_files(overfit_hf, capsys):
     from splitformer.pretrained import main as pretrained_main
 
     t = overfit_hf
-    cuts = list(t["cuts"].sort_by_duration(ascending=False))
-    files = [c.recording.sources[0].source for c in cuts]
     rc = pretrained_main(["--checkpoint", str(t["root"] / "exp" / "epoch-1.pt"), "--bpe-model", str(t["bpe"]),
-                          "--exit-layer", "4", "--decoding-method", "ctc_greedy_search", *files])
+                          "--exit-layer", "4", "--decoding-method", "ctc_greedy_search", *_sph_files(t)])
     assert rc == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
-    assert [ln.split("\t", 1)[1] if "\t" in ln else "" for ln in lines] == t["words"][4]
+    assert _transcripts(capsys.readouterr().out) == t["words"][4]
 
 
 def test_export_writes_pretrained_pt(overfit_hf, capsys):
@@ -258,12 +265,10 @@ def test_export_writes_pretrained_pt(overfit_hf, capsys):
     t = overfit_hf
     exp = ["--exp-dir", str(t["root"] / "exp"), "--epoch", "1", "--avg", "1", "--output-dir", str(t["root"] / "export")]
     (written,) = export_main(exp + ["--onnx", "false"])
-    files = [c.recording.sources[0].source for c in t["cuts"].sort_by_duration(ascending=False)]
     capsys.readouterr()
     assert pretrained_main(["--checkpoint", str(written), "--bpe-model", str(t["bpe"]), "--decoding-method",
-                            "ctc_greedy_search", *files]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
-    assert [ln.split("\t", 1)[1] for ln in lines] == t["words"][4]
+                            "ctc_greedy_search", *_sph_files(t)]) == 0
+    assert _transcripts(capsys.readouterr().out) == t["words"][4]
 
 
 def test_train_py_fine_tunes_from_a_model_directory(overfit_hf, tmp_path):
@@ -322,12 +327,11 @@ def test_onnx_export_and_onnxruntime_give_pretrained_pys_words(overfit_hf, capsy
     meta = read_metadata(out / "ctc-exit4.onnx")
     assert meta["input"] == "waveform" and meta["sample_rate"] == "16000" and meta["subsampling_factor"] == "320"
     assert meta["architecture"] == "hf-wav2vec2"
-    files = [c.recording.sources[0].source for c in t["cuts"].sort_by_duration(ascending=False)]
     repo = Path(__file__).resolve().parents[1]
 
     def transcripts(cmd: list) -> list:
-        proc = subprocess.run([sys.executable, *cmd, *files], capture_output=True, text=True, check=True)
-        return [ln.split("\t", 1)[1] if "\t" in ln else "" for ln in proc.stdout.splitlines() if ln.strip()]
+        proc = subprocess.run([sys.executable, *cmd, *_sph_files(t)], capture_output=True, text=True, check=True)
+        return _transcripts(proc.stdout)
 
     for method, exit_layer in (("ctc", 4), ("ctc", 2), ("transducer", 4)):
         words = transcripts([str(repo / "examples" / "onnx_decode.py"), "--model-dir", str(out),

@@ -45,11 +45,6 @@ def input_lens(sup: Dict[str, Any]) -> torch.Tensor:
     return sup["num_frames"] if "num_frames" in sup else sup["num_samples"]
 
 
-def fbank_frames(sup: Dict[str, Any]) -> torch.Tensor:
-    """(B,) lengths in 10 ms frames whatever the input (the unit logged losses are normalised by)."""
-    return sup["num_frames"] if "num_frames" in sup else sup["num_samples"] // 160
-
-
 def input_strategy(kind: str = "fbank", on_the_fly: bool = False):
     """Lhotse's input strategy for a model's input: the precomputed fbank (or fbank computed while loading),
     or the recordings' samples for a waveform model."""

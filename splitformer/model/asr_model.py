@@ -15,6 +15,7 @@ from splitformer.model.joiner import Joiner
 
 
 INPUT_RATES = {"fbank": 100, "waveform": 16000}  # fbank frames (10 ms shift) or samples per second
+SAMPLES_PER_FRAME = INPUT_RATES["waveform"] // INPUT_RATES["fbank"]  # 16 kHz samples per 10 ms fbank frame
 
 
 def pad_targets(targets: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -5,11 +5,12 @@ explicitly on the command line overrides its preset value. Checkpoints store the
 flags as a plain dict (``model_args_dict``), so decode can rebuild the exact architecture.
 """
 import argparse
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from splitformer.model.asr_model import AsrModel
+from splitformer.model.asr_model import SAMPLES_PER_FRAME, AsrModel
 from splitformer.utils import str2bool
 
 
@@ -306,7 +307,7 @@ def encoder_output_frames(args: argparse.Namespace, num_frames: int) -> int:
     if args.encoder == "hf":  # the backbone's convolutions over the samples of those 10 ms frames
         from splitformer.model.hf_encoder import conv_output_length
 
-        return conv_output_length(_hf_conv(args), num_frames * 160)
+        return conv_output_length(_hf_conv(args.hf_config), num_frames * SAMPLES_PER_FRAME)
     if args.encoder_embed == "conv1d":
         t = (num_frames - 3) // 4
     else:
@@ -318,13 +319,15 @@ def encoder_output_frames(args: argparse.Namespace, num_frames: int) -> int:
     return (t + downsample - 1) // downsample if t > 0 else t
 
 
-def _hf_conv(args: argparse.Namespace) -> argparse.Namespace:
-    """The convolution shapes of the backbone (transformers' Wav2Vec2 defaults until it is built)."""
+@functools.lru_cache(maxsize=4)
+def _hf_conv(hf_config: str) -> argparse.Namespace:
+    """The backbone's convolution shapes, from the config ``build_model`` recorded (parsed once, not per cut)."""
     import json
 
-    d = json.loads(args.hf_config) if getattr(args, "hf_config", "") else {}
-    return argparse.Namespace(conv_kernel=d.get("conv_kernel", (10, 3, 3, 3, 3, 2, 2)),
-                              conv_stride=d.get("conv_stride", (5, 2, 2, 2, 2, 2, 2)))
+    if not hf_config:
+        raise ValueError("the backbone's config is unknown until the model is built (build_model sets --hf-config)")
+    d = json.loads(hf_config)
+    return argparse.Namespace(conv_kernel=tuple(d["conv_kernel"]), conv_stride=tuple(d["conv_stride"]))
 
 
 def _hf_normalize(args: argparse.Namespace) -> bool:

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from splitformer.model.early_exit import make_pad_mask
+
 # the backbone families of the presets (architecture from transformers' default config of each: the "base" sizes)
 FAMILIES = ("wav2vec2", "hubert", "wavlm")
 # eager attention: explicit matmuls, so torch's FLOP counter sees the attention products (it cannot see inside
@@ -163,7 +165,7 @@ class WaveformInput(nn.Module):
                              "(fbank features? this model reads raw 16 kHz audio)")
         if not self.do_normalize:
             return x, x_lens
-        mask = (torch.arange(x.size(1), device=x.device).unsqueeze(0) < x_lens.unsqueeze(1)).to(x.dtype)
+        mask = (~make_pad_mask(x_lens, x.size(1))).to(x.dtype)
         n = x_lens.clamp(min=1).to(x.dtype).unsqueeze(1)
         mean = (x * mask).sum(1, keepdim=True) / n
         var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / n
@@ -213,10 +215,6 @@ class HfExitEncoder(nn.Module):
                 raise HfBackboneError(f"expected a GroupNorm after the first convolution, found {type(norm).__name__}")
             norm.register_forward_hook(self._masked_group_norm)
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.backbone.encoder.layers)
-
     def output_lengths(self, num_samples: Tensor) -> Tensor:
         return self.backbone._get_feat_extract_output_lengths(num_samples).to(torch.int64).clamp(min=0)
 
@@ -229,7 +227,7 @@ class HfExitEncoder(nn.Module):
         b, c, t = x.shape
         cfg = self.backbone.config
         frames = ((lens - cfg.conv_kernel[0]) // cfg.conv_stride[0] + 1).clamp(min=1)
-        mask = (torch.arange(t, device=x.device).unsqueeze(0) < frames.unsqueeze(1)).to(x.dtype)
+        mask = (~make_pad_mask(frames, t)).to(x.dtype)
         g = module.num_groups
         xg = x.reshape(b, g, c // g, t)
         m = mask.reshape(b, 1, 1, t)
@@ -243,7 +241,7 @@ class HfExitEncoder(nn.Module):
 
     def _prelude(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
         """Layer 0's input and arguments as the backbone's own forward prepares them."""
-        mask = (torch.arange(x.size(1), device=x.device).unsqueeze(0) < x_lens.unsqueeze(1)).long()
+        mask = (~make_pad_mask(x_lens, x.size(1))).long()
         got: Dict[str, Any] = {}
 
         def hook(module, args, kwargs):

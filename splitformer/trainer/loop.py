@@ -21,8 +21,8 @@ from splitformer.trainer.diagnostics import ModuleDiagnostics, register_inf_chec
 from splitformer.trainer.distributed import DistContext, any_true, gather
 from splitformer.trainer.guards import (BadBatchGuard, TrainingError, batch_info, check_max_duration,
                                         grads_finite, is_oom)
-from splitformer.data.datamodule import fbank_frames, input_lens
-from splitformer.trainer.objective import Metrics, combine_losses, encoder_frames, warmup_scales
+from splitformer.data.datamodule import input_lens
+from splitformer.trainer.objective import Metrics, combine_losses, encoder_frames, fbank_frames, warmup_scales
 from splitformer.trainer.state import load_resume_checkpoint, restore_model
 
 
@@ -320,7 +320,9 @@ class Trainer:
             batch_idx_epoch += 1
             self.batch_idx_train += 1
             set_batch_count(self.model, self.batch_idx_train * a.max_duration * ctx.world_size / a.schedule_ref_duration)
-            set_backbone_frozen(self.model, self.batch_idx_train <= a.freeze_backbone_steps)
+            if 0 < a.freeze_backbone_steps and self.batch_idx_train <= a.freeze_backbone_steps + 1:
+                # a module walk only while frozen and on the step that unfreezes, not on every batch of the run
+                set_backbone_frozen(self.model, self.batch_idx_train <= a.freeze_backbone_steps)
             if dump is not None:
                 dump.write(f"{epoch}\t{self.batch_idx_train}\t{' '.join(batch_info(batch).cut_ids)}\n")
             self.sampler_state = batch.pop("sampler_state", None)

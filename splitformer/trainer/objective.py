@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 import torch.distributed as dist
 
+from splitformer.model.asr_model import SAMPLES_PER_FRAME
+
 
 def warmup_scales(batch_idx_train: int, warm_step: int, simple_loss_scale: float) -> Tuple[float, float]:
     """(simple, pruned) loss weights at this batch.
@@ -19,6 +21,11 @@ def warmup_scales(batch_idx_train: int, warm_step: int, simple_loss_scale: float
         return simple_loss_scale, 1.0
     frac = batch_idx_train / warm_step
     return 1.0 - frac * (1.0 - simple_loss_scale), 0.1 + 0.9 * frac
+
+
+def fbank_frames(sup: Mapping[str, Tensor]) -> Tensor:
+    """(B,) lengths in 10 ms frames whatever the input (a waveform model's batches count samples)."""
+    return sup["num_frames"] if "num_frames" in sup else sup["num_samples"] // SAMPLES_PER_FRAME
 
 
 def encoder_frames(feature_lens: Tensor) -> int:
