@@ -126,6 +126,23 @@ class AsrModel(nn.Module):
             raise ValueError(f"no exit after layer {exit_layer}; valid exits: {', '.join(map(str, self.exits))}")
         return self.exits.index(exit_layer)
 
+    # ------------------------------------------------------------------ streaming
+    @property
+    def causal(self) -> bool:
+        """Trained chunk-causal (``--causal true``): it can decode a stream chunk by chunk."""
+        chunks = getattr(self.encoder, "chunks", None)
+        return bool(chunks is not None and chunks.causal)
+
+    def set_chunking(self, chunk: int, left: int) -> None:
+        """Chunk size and left context (frames after the front end) of every evaluation forward from now on:
+        the masked whole-utterance computation that streaming with them equals. -1: full context."""
+        chunks = getattr(self.encoder, "chunks", None)
+        if chunks is None:
+            if chunk > 0:
+                raise ValueError("--chunk-size needs a causal model (trained with --causal true)")
+            return
+        chunks.set(chunk, left)
+
     # ------------------------------------------------------------------ input
     @property
     def input_kind(self) -> str:

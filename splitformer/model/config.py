@@ -148,6 +148,10 @@ _HF_EXITS = dict(
     use_ctc=True,
 )
 
+# Streaming: the Splitformer of the main job made chunk-causal. Its front end (x4 Conv1d) gives 40 ms frames, so
+# these are icefall's 320/640/1280 ms chunks and 1.28-5.12 s left contexts, counted in its frames.
+_CAUSAL_CONV1D = dict(causal=True, chunk_size="8,16,32,-1", left_context_frames="32,64,128,-1")
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "zipformer-s": _ZIPFORMER_S,
     "zipformer-m": _ZIPFORMER_M,
@@ -159,6 +163,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "splitformer": dict(_EE_ZIPFORMER, **_SPLIT_ZIP),
     "ee-zipformer-cpu": _EE_ZIPFORMER_CPU,
     "splitformer-cpu": dict(_EE_ZIPFORMER_CPU, **_SPLIT_ZIP),
+    "splitformer-cpu-causal": dict(_EE_ZIPFORMER_CPU, **_SPLIT_ZIP, **_CAUSAL_CONV1D),
     "w2v2-base-exits": dict(_HF_EXITS, hf_model="facebook/wav2vec2-base"),
     "hubert-base-exits": dict(_HF_EXITS, hf_model="facebook/hubert-base-ls960"),
     "wavlm-base-plus-exits": dict(_HF_EXITS, hf_model="microsoft/wavlm-base-plus"),
@@ -220,6 +225,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split-num-layers", type=int, default=1)
     g.add_argument("--split-downsample", type=str, default="learned", choices=["learned", "drop"])
     g.add_argument("--split-combine", type=str, default="sum", choices=["sum", "bypass"])
+    # Streaming (icefall's names and units).
+    g.add_argument("--causal", type=str2bool, default=False,
+                   help="chunk-causal attention and convolutions, so that the model can decode a live stream chunk "
+                        "by chunk (zipformer layers)")
+    g.add_argument("--chunk-size", type=str, default="16,32,64,-1",
+                   help="--causal: chunk sizes drawn per training batch, in frames after the front end: 20 ms each "
+                        "with --encoder-embed conv2d (16 = 320 ms), 40 ms with conv1d (16 = 640 ms); -1 = full "
+                        "context, so that the model also decodes offline")
+    g.add_argument("--left-context-frames", type=str, default="64,128,256,-1",
+                   help="--causal: left contexts drawn per training batch, in the same frames (64 = 1.28 s with "
+                        "conv2d, 2.56 s with conv1d); -1 = everything before the chunk")
     # Decoder / joiner.
     g.add_argument("--decoder-dim", type=int, default=512)
     g.add_argument("--joiner-dim", type=int, default=512)
@@ -242,13 +258,13 @@ ARCH_KEYS: Tuple[str, ...] = (
     "encoder", "encoder_embed", "feature_norm", "conv1d_activation", "num_encoder_layers", "downsampling_factor", "output_downsampling_factor", "feedforward_dim", "num_heads",
     "encoder_dim", "encoder_unmasked_dim", "cnn_module_kernel", "query_head_dim", "value_head_dim", "pos_head_dim",
     "pos_dim", "use_balancers", "use_whiten", "layer_type", "pos_encoding", "input_downsample", "exit_layers",
-    "split_blocks", "split_downsampling_factor", "split_num_layers", "split_downsample", "split_combine",
+    "split_blocks", "split_downsampling_factor", "split_num_layers", "split_downsample", "split_combine", "causal",
     "decoder_dim", "joiner_dim", "context_size", "use_transducer", "use_ctc", "vocab_size",
 )
 MODEL_KEYS: Tuple[str, ...] = ARCH_KEYS + (
     # the backbone's architecture is hf_config itself (resolved when the model is first built); hf_model may move
     "hf_model", "hf_weights", "hf_normalize", "hf_config", "freeze_feature_encoder",
-    "preset", "dropout", "prune_range", "lm_scale", "am_scale", "simple_loss_scale", "ctc_loss_scale",
+    "preset", "chunk_size", "left_context_frames", "dropout", "prune_range", "lm_scale", "am_scale", "simple_loss_scale", "ctc_loss_scale",
     "exit_loss_weights", "train_exits",
 )
 
@@ -388,6 +404,7 @@ def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
             dropout=args.dropout,
             use_balancers=args.use_balancers,
             use_whiten=args.use_whiten,
+            **_causal_kwargs(args),
         )
         return enc, encoder_dim[0]
 
@@ -418,8 +435,19 @@ def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
         encoder_unmasked_dim=_first(args.encoder_unmasked_dim),
         use_balancers=args.use_balancers,
         use_whiten=args.use_whiten,
+        **_causal_kwargs(args),
     )
     return enc, d_model
+
+
+def _causal_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """--causal and the chunk sizes training draws (checkpoints older than streaming have neither)."""
+    from splitformer.model.chunking import parse_sizes
+
+    if not getattr(args, "causal", False):
+        return {}
+    return dict(causal=True, chunk_size=parse_sizes(args.chunk_size, "chunk-size"),
+                left_context_frames=parse_sizes(args.left_context_frames, "left-context-frames"))
 
 
 def build_model(args: argparse.Namespace, vocab_size: Optional[int] = None) -> AsrModel:

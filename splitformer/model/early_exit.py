@@ -8,11 +8,13 @@ or Zipformer2 layers, and guarantees that running to exit k never executes a lay
 Terminology: ``exits[i]`` is the layer count after which exit i sits; block i is the span of layers
 ``exits[i-1] < l <= exits[i]`` (with ``exits[-1] = 0``), the unit a Splitformer branch runs in parallel to.
 """
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from splitformer.model.chunking import FULL, CausalChunks, Chunking, chunk_attn_mask, chunk_index
 from splitformer.model.conformer import AbsolutePositionalEncoding, ConformerLayer, RelativePositionalEncoding
 from splitformer.model.scaling import limit_param_value
 
@@ -78,15 +80,38 @@ def upsample_repeat(x: Tensor, factor: int, length: int) -> Tensor:
 
 
 class ZipformerLayerAdapter(nn.Module):
-    """Wraps a time-major Zipformer2EncoderLayer so that every layer here takes ``(x (B,T,C), mask, pos_emb)``."""
+    """Wraps a time-major Zipformer2EncoderLayer so that every layer here takes ``(x (B,T,C), mask, pos_emb)``
+    (plus, for a causal layer, the chunk mask and chunk size)."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, pos_emb: Optional[Tensor] = None) -> Tensor:
-        y = self.layer(x.transpose(0, 1), pos_emb, src_key_padding_mask=key_padding_mask)
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, pos_emb: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None, chunk: int = FULL) -> Tensor:
+        chunked = {} if attn_mask is None else dict(attn_mask=attn_mask, chunk=chunk)  # only a causal forward
+        y = self.layer(x.transpose(0, 1), pos_emb, src_key_padding_mask=key_padding_mask, **chunked)
         return y.transpose(0, 1)
+
+
+@dataclass
+class StackContext:
+    """What every layer of a stack at one rate reads besides its input: padding, chunk mask, positions.
+
+    ``depth``: (B, T) the highest block each frame's chunk reaches (per-chunk exits); a block above it
+    treats the frame as absent (masked key, zero in the convolutions), as a stream whose chunk exited lower
+    never computed it there. None: every frame reaches every block.
+    """
+
+    pad: Tensor
+    pos_emb: Optional[Tensor]
+    chunking: Chunking = Chunking()
+    attn_mask: Optional[Tensor] = None
+    depth: Optional[Tensor] = None
+
+    def key_mask(self, block: int) -> Tensor:
+        """(B, T) frames the layers of ``block`` may not read."""
+        return self.pad if self.depth is None else self.pad | (self.depth < block)
 
 
 class SplitBranch(nn.Module):
@@ -114,12 +139,22 @@ class SplitBranch(nn.Module):
             self.bypass_scale = nn.Parameter(torch.full((dim,), 0.5))
 
     def forward(self, block_in: Tensor, block_out: Tensor, lens: Tensor,
-                pos_fn: Callable[[Tensor], Optional[Tensor]]) -> Tensor:
+                pos_fn: Callable[[Tensor], Optional[Tensor]], chunking: Chunking = Chunking(),
+                absent: Optional[Tensor] = None) -> Tensor:
+        """``chunking``: as the block's stack sees it; ``absent``: (B, T) frames the block may not read."""
         y, y_lens = self.downsample(block_in, lens)
         mask = make_pad_mask(y_lens, y.size(1))
+        if absent is not None:  # chunks are whole groups of `factor` frames: a group's first frame speaks for it
+            mask = mask | absent[:, ::self.factor]
         pos_emb = pos_fn(y)
+        low = chunking.at_rate(self.factor)
+        attn_mask = chunk_attn_mask(y.size(1), low, y.device)
         for layer in self.layers:
-            y = layer(y, mask, pos_emb)
+            y = layer(y, mask, pos_emb, attn_mask, low.chunk) if attn_mask is not None else layer(y, mask, pos_emb)
+        return self.merge(y, block_out)
+
+    def merge(self, y: Tensor, block_out: Tensor) -> Tensor:
+        """The branch's low-rate output, upsampled to the block output's length and combined with it."""
         y = upsample_repeat(y, self.factor, block_out.size(1))
         if self.combine == "sum":
             return block_out + y
@@ -171,6 +206,9 @@ class EarlyExitEncoder(nn.Module):
         encoder_unmasked_dim: Optional[int] = None,
         use_balancers: bool = False,
         use_whiten: bool = False,
+        causal: bool = False,
+        chunk_size: Sequence[int] = (FULL,),
+        left_context_frames: Sequence[int] = (FULL,),
     ) -> None:
         super().__init__()
         if layer_type not in LAYER_TYPES:
@@ -180,6 +218,9 @@ class EarlyExitEncoder(nn.Module):
         if layer_type == "zipformer" and pos_encoding != "rel":
             raise ValueError("zipformer layers carry their own relative positions: use pos_encoding='rel' "
                              "(or layer_type='conformer' for absolute positions)")
+        if causal and layer_type != "zipformer":
+            raise ValueError("--causal true needs zipformer layers (--layer-type zipformer); conformer layers "
+                             "have no chunk-causal form here")
         exits = [int(e) for e in exit_layers]
         if not exits or exits != sorted(set(exits)) or exits[0] < 1 or exits[-1] != num_layers:
             raise ValueError(f"exit_layers must be strictly increasing layer counts in 1..{num_layers} ending at "
@@ -194,7 +235,7 @@ class EarlyExitEncoder(nn.Module):
                   cnn_module_kernel=cnn_module_kernel, dropout=dropout, pos_encoding=pos_encoding,
                   conv_norm=conv_norm, query_head_dim=query_head_dim, pos_head_dim=pos_head_dim,
                   value_head_dim=value_head_dim, pos_dim=pos_dim, use_balancers=use_balancers,
-                  use_whiten=use_whiten)
+                  use_whiten=use_whiten, causal=causal)
         self.input_dim = d_model if input_dim is None else input_dim
         self.input_proj = nn.Linear(self.input_dim, d_model) if self.input_dim != d_model else None
         self.input_downsample = Downsample(input_downsample, input_downsample_mode)
@@ -221,6 +262,11 @@ class EarlyExitEncoder(nn.Module):
                 d_model, split_downsampling_factor, split_downsample, split_combine)
             for b in resolved
         })
+        factor = input_downsample * (split_downsampling_factor if resolved else 1)
+        self.input_factor = input_downsample
+        # a convolution reaches kernel // 2 frames back at its rate: the branches' are the longest
+        self.chunks = CausalChunks(causal, chunk_size, left_context_frames, chunk_factor=factor,
+                                   conv_context=cnn_module_kernel // 2 * factor)
 
     @staticmethod
     def _make_layer(layer_type: str, hp: dict, skip_rate: Optional[float] = None) -> nn.Module:
@@ -231,7 +277,7 @@ class EarlyExitEncoder(nn.Module):
         from splitformer.model.zipformer import Zipformer2EncoderLayer
 
         # the regularisers are passed only when on, so the DESIGN.md signature is all that is required otherwise
-        extra = {k: True for k in ("use_balancers", "use_whiten") if hp[k]}
+        extra = {k: True for k in ("use_balancers", "use_whiten", "causal") if hp[k]}
         if skip_rate is not None:
             extra["bypass_skip_rate"] = skip_rate
         return ZipformerLayerAdapter(Zipformer2EncoderLayer(
@@ -270,19 +316,21 @@ class EarlyExitEncoder(nn.Module):
             raise ValueError(f"max_exit={max_exit} is below the first exit; exits are {self.exits}")
         return n
 
-    def iter_exits(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None
-                   ) -> Iterator[Tuple[Tensor, Tensor]]:
+    def iter_exits(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None,
+                   chunk_exits: Optional[Tensor] = None) -> Iterator[Tuple[Tensor, Tensor]]:
         """Yields ``(out (B, T', D), out_lens)`` for ``self.exits[0], self.exits[1], ...`` one at a time: the
         items of ``forward``, lazily (AsrModel.iter_exits zips them with ``exits``).
 
         The layers of block i+1 run only when the consumer asks for the next item, so a dynamic exit
-        strategy that stops iterating never pays for the layers above its exit.
+        strategy that stops iterating never pays for the layers above its exit. ``chunk_exits``: (B, N) the
+        exit index each chunk of the current chunking stopped at (per-chunk dynamic exits): the masked
+        computation that a stream with those decisions runs (:class:`StackContext`).
         """
         n = self.num_exits_upto(max_exit)
         x, lens = self.prepare(x, x_lens)
-        mask, pos_emb = self.block_context(x, lens)
+        ctx = self.block_context(x, lens, chunk_exits)
         for block in range(n):
-            x, out = self.run_block(block, x, lens, mask, pos_emb)
+            x, out = self.run_block(block, x, lens, ctx)
             yield out, lens
 
     def prepare(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor]:
@@ -296,25 +344,114 @@ class EarlyExitEncoder(nn.Module):
             x = self.pos_enc(x)
         return x, lens
 
-    def block_context(self, x: Tensor, lens: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """(padding mask, relative position embedding) that every block of this input shares."""
-        return make_pad_mask(lens, x.size(1)), self._pos_emb(x)
+    def block_context(self, x: Tensor, lens: Tensor, chunk_exits: Optional[Tensor] = None) -> StackContext:
+        """What every block of this (prepared) input shares: padding, positions, this forward's chunking."""
+        chunking = self.chunks.current(self.training).at_rate(self.input_factor)
+        depth = None
+        if chunk_exits is not None:
+            if chunking.full:
+                raise ValueError("chunk_exits needs a chunked forward (chunks.set(chunk, left) on a causal model)")
+            depth = chunk_exits.gather(1, chunk_index(x.size(1), chunking.chunk, x.device).unsqueeze(0)
+                                       .expand(x.size(0), -1).clamp(max=chunk_exits.size(1) - 1))
+        return StackContext(make_pad_mask(lens, x.size(1)), self._pos_emb(x), chunking,
+                            chunk_attn_mask(x.size(1), chunking, x.device), depth)
 
-    def run_block(self, block: int, x: Tensor, lens: Tensor, mask: Tensor, pos_emb: Optional[Tensor]
-                  ) -> Tuple[Tensor, Tensor]:
+    def run_block(self, block: int, x: Tensor, lens: Tensor, ctx: StackContext) -> Tuple[Tensor, Tensor]:
         """One block (the layers up to its exit, and its Splitformer branch): (state for the next block,
         this exit's normalised output). ``prepare`` and ``run_block`` let a deployment run one block at a time."""
         block_in = x
+        mask = ctx.key_mask(block)
         for i in self.block_layers(block):
-            x = self.layers[i](x, mask, pos_emb)
+            if ctx.attn_mask is None:
+                x = self.layers[i](x, mask, ctx.pos_emb)
+            else:
+                x = self.layers[i](x, mask, ctx.pos_emb, ctx.attn_mask, ctx.chunking.chunk)
         branch = self.branches[str(block)] if block in self.split_blocks else None
         if branch is not None:
-            x = branch(block_in, x, lens, self._pos_emb)
+            absent = None if ctx.depth is None else ctx.depth < block
+            x = branch(block_in, x, lens, self._pos_emb, ctx.chunking, absent)
         return x, self.exit_norms[block](x)
 
-    def forward(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, x_lens: Tensor, max_exit: Optional[int] = None,
+                chunk_exits: Optional[Tensor] = None) -> List[Tuple[Tensor, Tensor]]:
         """``[(out (B, T', D), out_lens)]`` for every exit ``<= max_exit`` (all if None), in order."""
-        return list(self.iter_exits(x, x_lens, max_exit))
+        return list(self.iter_exits(x, x_lens, max_exit, chunk_exits))
+
+    # ------------------------------------------------------------------ streaming
+    def init_block_states(self, batch: int, left: int, device: torch.device = torch.device("cpu"),
+                          dtype: torch.dtype = torch.float32) -> List[List[Tensor]]:
+        """Per block, what a stream that has heard nothing carries: ``[valid (B, L) bool, the six caches of
+        each layer of the block, then those of its branch's layers]``; L = ``left`` frames of left context
+        at the front end's rate, divided by the input downsampling (the branch's caches hold L / factor)."""
+        if not self.chunks.causal:
+            raise RuntimeError("streaming needs a causal encoder (train with --causal true)")
+        if left <= 0:
+            raise ValueError("streaming needs a finite left context (--left-context-frames > 0)")
+        from splitformer.model.chunking import check_chunking
+
+        check_chunking((self.chunks.chunk_factor,), (left,), self.chunks.chunk_factor)
+        n = left // self.input_factor
+        states = []
+        for block in range(len(self.exits)):
+            st = [torch.zeros(batch, n, dtype=torch.bool, device=device)]
+            for i in self.block_layers(block):
+                st += self.layers[i].layer.init_cache(batch, n, device, dtype)
+            if block in self.split_blocks:
+                branch = self.branches[str(block)]
+                for layer in branch.layers:
+                    st += layer.layer.init_cache(batch, n // branch.factor, device, dtype)
+            states.append(st)
+        return states
+
+    def stream_block(self, block: int, h: Tensor, lens: Tensor, state: Sequence[Tensor]
+                     ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """One chunk through one block (eval only). h: (B, T, D), the chunk at the stack's rate (the
+        previous block's output, or ``prepare``'s); lens: (B,) its frames that belong to each stream; state:
+        this block's, as :meth:`init_block_states` lays it out. Returns (input of the next block, this exit's
+        normalised output, the block's next state); equals ``run_block`` over the whole utterance with the
+        chunk mask."""
+        valid, caches = state[0], state[1:]
+        t = h.size(1)
+        pad = make_pad_mask(lens, t)
+        x = h.transpose(0, 1)
+        pos_emb = self.pos_enc(x, left=valid.size(1))
+        key_mask = torch.cat([~valid, pad], dim=1)
+        new: List[Tensor] = [torch.cat([valid, ~pad], dim=1)[:, t:]]
+        k = 0
+        for i in self.block_layers(block):
+            x, c = self.layers[i].layer.streaming_forward(x, pos_emb, caches[k:k + 6], key_mask, pad)
+            new += c
+            k += 6
+        x = x.transpose(0, 1)
+        if block in self.split_blocks:
+            branch = self.branches[str(block)]
+            f = branch.factor
+            y, y_lens = branch.downsample(h, lens)
+            y_pad = make_pad_mask(y_lens, y.size(1))
+            y_mask = torch.cat([~valid[:, ::f], y_pad], dim=1)
+            y = y.transpose(0, 1)
+            y_pos = self.pos_enc(y, left=valid.size(1) // f)
+            for layer in branch.layers:
+                y, c = layer.layer.streaming_forward(y, y_pos, caches[k:k + 6], y_mask, y_pad)
+                new += c
+                k += 6
+            x = branch.merge(y.transpose(0, 1), x)
+        return x, self.exit_norms[block](x), new
+
+    def stream_skip(self, block: int, state: Sequence[Tensor], frames: int) -> List[Tensor]:
+        """The state of a block that a chunk of ``frames`` (at the stack's rate) did not reach: time moves
+        on, and the chunk enters the caches as absent (masked keys, zeros in the convolutions)."""
+        valid = state[0]
+        b = valid.size(0)
+        out = [torch.cat([valid[:, frames:], valid.new_zeros(b, min(frames, valid.size(1)))], dim=1)]
+        n_main = 6 * len(self.block_layers(block))
+        for j, c in enumerate(state[1:]):
+            f = frames if j < n_main else frames // self.branches[str(block)].factor
+            if j % 6 < 4:  # (L, B, D): keys and values, one slot per frame
+                out.append(torch.cat([c[min(f, c.size(0)):], c.new_zeros((min(f, c.size(0)),) + c.shape[1:])], 0))
+            else:  # (B, D, kernel // 2): the causal convolution's last inputs
+                out.append(torch.cat([c, c.new_zeros(c.shape[:2] + (f,))], dim=2)[:, :, f:])
+        return out
 
 
 class Splitformer(EarlyExitEncoder):

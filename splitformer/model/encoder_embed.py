@@ -62,8 +62,20 @@ class ConvNeXt(nn.Module):
         """x: (B, C, T, F); time_pad_mask: (B, T), True on padding."""
         if time_pad_mask is not None:
             x = x.masked_fill(time_pad_mask[:, None, :, None], 0.0)
-        bypass = x
-        y = self.depthwise_conv(x)
+        return self._rest(x, self.depthwise_conv(x))
+
+    def streaming_forward(self, x: Tensor, cache: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: (B, C, T + 3, F), the chunk's T frames and the 3 after them (masked frames already zero); cache:
+        (B, C, 3, F), the 3 frames before the chunk. Returns the chunk's (B, C, T, F) and the next cache."""
+        pad_t = self.padding[0]
+        t = x.size(2) - pad_t
+        full = torch.cat([cache, x], dim=2)
+        conv = self.depthwise_conv
+        y = nn.functional.conv2d(full, conv.weight, conv.bias, padding=(0, self.padding[1]), groups=conv.groups)
+        return self._rest(x[:, :, :t], y), full[:, :, t: t + pad_t]
+
+    def _rest(self, bypass: Tensor, y: Tensor) -> Tensor:
+        """Everything after the depthwise conv: pointwise MLP and the residual."""
         y = self.pointwise_conv1(y)
         y = self.hidden_balancer(y)
         y = self.activation(y)
@@ -76,12 +88,32 @@ class ConvNeXt(nn.Module):
         return self.out_balancer(bypass + y)
 
 
-class Conv2dSubsampling(nn.Module):
+class StreamingFrontEnd:
+    """What a streaming decoder must know about a front end: for a chunk of ``chunk`` output frames, it reads
+    ``chunk_input(chunk)`` fbank frames starting ``chunk_shift(chunk)`` frames after the previous chunk's
+    first; the ``lookahead`` frames past the chunk's own are the latency the front end adds."""
+
+    subsampling: int
+    lookahead: int
+
+    def chunk_shift(self, chunk: int) -> int:
+        return self.subsampling * chunk
+
+    def chunk_input(self, chunk: int) -> int:
+        return self.subsampling * chunk + self.lookahead
+
+
+class Conv2dSubsampling(nn.Module, StreamingFrontEnd):
     """(B, T, in_channels) at 100 Hz -> (B, (T - 7) // 2, out_channels) at ~50 Hz.
 
     Time: conv k3 (T-2), conv k3 stride 2 ((T-3)//2), conv k3 ((T-7)//2). Frequency: padded conv,
     then two stride-2 convs: 80 -> 39 -> 19 bins. Needs T >= 9 for one output frame.
+    Streaming (icefall's way): a chunk of C frames reads 2C + 13 fbank frames (7 for the convolutions, 6
+    for the ConvNeXt's 3 frames of right context) and caches the ConvNeXt's 3 frames of left context.
     """
+
+    subsampling = 2
+    lookahead = 13
 
     def __init__(self, in_channels: int = 80, out_channels: int = 192, layer1_channels: int = 8,
                  layer2_channels: int = 32, layer3_channels: int = 128, dropout: FloatLike = 0.1,
@@ -122,17 +154,33 @@ class Conv2dSubsampling(nn.Module):
         y = self.conv(x.unsqueeze(1))  # (B, C, T', F')
         y_lens = self.output_lengths(x_lens)
         pad_mask = lengths_to_padding_mask(y_lens, y.shape[2])
-        y = self.convnext(y, pad_mask)
+        return self._project(self.convnext(y, pad_mask)), y_lens
+
+    def _project(self, y: Tensor) -> Tensor:
         b, c, t, f = y.shape
         y = y.transpose(1, 2).reshape(b, t, c * f)
         y = self.out(y)
         y = self.out_whiten(y)
         y = self.out_norm(y)
-        y = self.dropout(y)
-        return y, y_lens
+        return self.dropout(y)
+
+    def init_cache(self, batch: int, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+                   ) -> Tensor:
+        """The ConvNeXt's left context before a stream's first frame: zeros, as in ``forward``."""
+        channels = self.convnext.depthwise_conv.in_channels
+        return torch.zeros(batch, channels, self.convnext.padding[0], self.out_width, device=device, dtype=dtype)
+
+    def streaming_forward(self, x: Tensor, cache: Tensor, remaining: Tensor) -> Tuple[Tensor, Tensor]:
+        """One chunk: x (B, 2C + 13, in_channels) -> (B, C, out_channels) and the next cache. ``remaining``:
+        (B,) output frames each stream still has from this chunk's first (its offline length minus the frames
+        already emitted); convolution outputs past it are zeroed, as ``forward`` zeroes them past the end."""
+        y = self.conv(x.unsqueeze(1))  # (B, C, chunk + 3, F')
+        y = y.masked_fill(lengths_to_padding_mask(remaining.clamp(min=0), y.shape[2])[:, None, :, None], 0.0)
+        y, cache = self.convnext.streaming_forward(y, cache)
+        return self._project(y), cache
 
 
-class Conv1dSubsampling(nn.Module):
+class Conv1dSubsampling(nn.Module, StreamingFrontEnd):
     """(B, T, in_channels) at 100 Hz -> (B, T', out_channels) at 25 Hz, the early-exit papers' front end.
 
     Two Conv1d over time (kernel 3, stride 2, no padding), each followed by ``activation``. The papers'
@@ -140,8 +188,12 @@ class Conv1dSubsampling(nn.Module):
     them; ``activation="none"`` reproduces that.
     Lengths: T1 = (T - 3) // 2 + 1 = (T - 1) // 2, then T' = (T1 - 1) // 2, i.e. ``T' = (T - 3) // 4``
     (for T >= 7). Without padding each output frame sees only real input frames, so the output is
-    independent of batch padding.
+    independent of batch padding. Streaming needs no cache: a chunk of C frames reads 4C + 3 fbank frames,
+    30 ms past its own 4C.
     """
+
+    subsampling = 4
+    lookahead = 3
 
     def __init__(self, in_channels: int = 80, out_channels: int = 256, activation: str = "relu",
                  dropout: float = 0.0):
@@ -170,3 +222,11 @@ class Conv1dSubsampling(nn.Module):
             raise ValueError(f"Conv1dSubsampling needs at least 7 input frames, got {x.shape[1]}")
         y = self.conv(x.transpose(1, 2)).transpose(1, 2)
         return self.dropout(y), self.output_lengths(x_lens)
+
+    def init_cache(self, batch: int, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+                   ) -> Optional[Tensor]:
+        return None
+
+    def streaming_forward(self, x: Tensor, cache: Optional[Tensor], remaining: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """One chunk: x (B, 4C + 3, in_channels) -> (B, C, out_channels); stateless."""
+        return self.conv(x.transpose(1, 2)).transpose(1, 2), cache

@@ -19,6 +19,7 @@ utterance by repeating its own last frame.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import List, Optional, Sequence, Tuple, Union
@@ -27,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from splitformer.model.chunking import (FULL, CausalChunks, Chunking, ChunkCausalDepthwiseConv1d, check_chunking,
+                                        chunk_attn_mask)
 from splitformer.model.scaling import (
     ActivationDropoutAndLinear,
     Balancer,
@@ -94,12 +97,13 @@ class CompactRelPositionalEncoding(nn.Module):
         pe[:, -1] = 1.0
         self._table = pe.to(dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (T, B, C) (only its length, device and dtype are used) -> (1, 2T-1, pos_dim)."""
+    def forward(self, x: Tensor, left: int = 0) -> Tensor:
+        """x: (T, B, C) (only its length, device and dtype are used) -> (1, 2T+left-1, pos_dim): the offsets
+        key - query from -(T+left-1) to T-1, for T queries that follow ``left`` cached keys (streaming)."""
         t = x.shape[0]
-        self._extend(t, x.device, x.dtype)
+        self._extend(t + left, x.device, x.dtype)
         mid = self._table.shape[0] // 2
-        pos = self._table[mid - t + 1: mid + t].unsqueeze(0)
+        pos = self._table[mid - (t + left) + 1: mid + t].unsqueeze(0)
         p = float(self.dropout)
         if self.training and p > 0.0:
             pos = nn.functional.dropout(pos, p, training=True)
@@ -111,18 +115,21 @@ def _exporting() -> bool:
 
 
 def _rel_shift(pos_scores: Tensor) -> Tensor:
-    """(..., T, 2T-1) scores against offsets -(T-1)..(T-1) -> (..., T, T) with [t, s] = offset s - t."""
+    """(..., T, T+K-1) scores against offsets -(K-1)..(T-1) -> (..., T, K) with [t, s] = offset s - (K-T) - t:
+    the K keys are the T queries' own frames preceded by K-T cached ones (K = T offline)."""
     t = pos_scores.shape[-2]
+    k = pos_scores.shape[-1] - t + 1
     if _exporting():
         # export-friendly form: an explicit gather of column (T-1) - t + s
-        rows = torch.arange(t, device=pos_scores.device)
-        idx = (t - 1) - rows.unsqueeze(1) + rows.unsqueeze(0)
-        return torch.gather(pos_scores, -1, idx.expand(pos_scores.shape[:-1] + (t,)))
+        rows = torch.arange(t, device=pos_scores.device).unsqueeze(1)
+        cols = torch.arange(k, device=pos_scores.device).unsqueeze(0)
+        idx = (t - 1) - rows + cols
+        return torch.gather(pos_scores, -1, idx.expand(pos_scores.shape[:-1] + (k,)))
     pos_scores = pos_scores.contiguous()
     st = pos_scores.stride()
     # a strided view: row t starts at column (T-1) - t, i.e. the row stride is one row minus one column
     return pos_scores.as_strided(
-        pos_scores.shape[:-2] + (t, t),
+        pos_scores.shape[:-2] + (t, k),
         st[:-2] + (st[-2] - st[-1], st[-1]),
         storage_offset=pos_scores.storage_offset() + st[-1] * (t - 1),
     )
@@ -158,20 +165,39 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
                 attn_mask: Optional[Tensor] = None) -> Tensor:
         """x: (T, B, C); pos_emb: (1, 2T-1, pos_dim); key_padding_mask: (B, T) True=pad;
         attn_mask: (T, T) True=blocked. Returns (H, B, T, T)."""
-        t, b, _ = x.shape
-        h, dq, dp = self.num_heads, self.query_head_dim, self.pos_head_dim
+        q, k, p = self._project(x)
+        return self._weights(q, k, p, pos_emb, key_padding_mask, attn_mask)
+
+    def streaming_forward(self, x: Tensor, pos_emb: Tensor, cached_key: Tensor, key_mask: Tensor
+                          ) -> Tuple[Tensor, Tensor]:
+        """One chunk. x: (T, B, C); cached_key: (L, B, H*dq), the keys of the L frames before it;
+        pos_emb: (1, 2T+L-1, pos_dim); key_mask: (B, L+T) True where a key may not be read.
+        Returns weights (H, B, T, L+T) and the next cached keys (the last L)."""
+        q, k, p = self._project(x)
+        keys = torch.cat([cached_key, k], dim=0)
+        return self._weights(q, keys, p, pos_emb, key_mask, None), keys[keys.size(0) - cached_key.size(0):]
+
+    def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(T, B, C) -> queries, keys (T, B, H*dq) and position queries (T, B, H*dp)."""
+        h, dq = self.num_heads, self.query_head_dim
         proj = self.in_proj(x)
-        q = proj[..., : h * dq]
         k = self.whiten_keys(self.balance_keys(proj[..., h * dq: 2 * h * dq]))
-        p = proj[..., 2 * h * dq:]
+        return proj[..., : h * dq], k, proj[..., 2 * h * dq:]
+
+    def _weights(self, q: Tensor, k: Tensor, p: Tensor, pos_emb: Tensor, key_padding_mask: Optional[Tensor],
+                 attn_mask: Optional[Tensor]) -> Tensor:
+        """Softmax over K keys of T queries: q, p (T, B, .), k (K, B, .); pos_emb (1, T+K-1, pos_dim)."""
+        t, b, _ = q.shape
+        n = k.shape[0]
+        h, dq, dp = self.num_heads, self.query_head_dim, self.pos_head_dim
         q = q.reshape(t, b, h, dq).permute(2, 1, 0, 3)  # (H, B, T, dq)
-        k = k.reshape(t, b, h, dq).permute(2, 1, 3, 0)  # (H, B, dq, T)
+        k = k.reshape(n, b, h, dq).permute(2, 1, 3, 0)  # (H, B, dq, K)
         scores = torch.matmul(q, k)
 
         if not self.training or random.random() >= float(self.pos_emb_skip_rate):
             p = p.reshape(t, b, h, dp).permute(2, 1, 0, 3)  # (H, B, T, dp)
-            pos = self.linear_pos(pos_emb)  # (1, 2T-1, H*dp)
-            pos = pos.reshape(-1, 2 * t - 1, h, dp).permute(2, 0, 3, 1)  # (H, 1, dp, 2T-1)
+            pos = self.linear_pos(pos_emb)  # (1, T+K-1, H*dp)
+            pos = pos.reshape(-1, t + n - 1, h, dp).permute(2, 0, 3, 1)  # (H, 1, dp, T+K-1)
             scores = scores + _rel_shift(torch.matmul(p, pos))
 
         if attn_mask is not None:
@@ -194,9 +220,17 @@ class SelfAttention(nn.Module):
         self.whiten = maybe(use_whiten, lambda: Whiten(whitening_limit=7.5, prob=0.1, grad_scale=0.01))
 
     def forward(self, x: Tensor, attn_weights: Tensor) -> Tensor:
-        t, b, _ = x.shape
-        h = attn_weights.shape[0]
-        v = self.in_proj(x).reshape(t, b, h, -1).permute(2, 1, 0, 3)  # (H, B, T, dv)
+        return self._attend(self.in_proj(x), attn_weights)
+
+    def streaming_forward(self, x: Tensor, attn_weights: Tensor, cached_val: Tensor) -> Tuple[Tensor, Tensor]:
+        """One chunk (T, B, C); cached_val: (L, B, H*dv), the values of the L frames before it."""
+        v = torch.cat([cached_val, self.in_proj(x)], dim=0)
+        return self._attend(v, attn_weights), v[v.size(0) - cached_val.size(0):]
+
+    def _attend(self, v: Tensor, attn_weights: Tensor) -> Tensor:
+        """Values (K, B, H*dv) weighted by (H, B, T, K) -> (T, B, C)."""
+        h, b, t, n = attn_weights.shape
+        v = v.reshape(n, b, h, -1).permute(2, 1, 0, 3)  # (H, B, K, dv)
         out = torch.matmul(attn_weights, v).permute(2, 1, 0, 3).reshape(t, b, -1)
         return self.whiten(self.out_proj(out))
 
@@ -218,10 +252,22 @@ class NonlinAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_weights: Tensor) -> Tensor:
         """x: (T, B, C); attn_weights: (1, B, T, T)."""
-        t, b, _ = x.shape
+        v, y = self._inputs(x)
+        return self._attend(v, y, attn_weights)
+
+    def streaming_forward(self, x: Tensor, attn_weights: Tensor, cached: Tensor) -> Tuple[Tensor, Tensor]:
+        """One chunk (T, B, C); cached: (L, B, hidden), the gated values of the L frames before it."""
+        v, y = self._inputs(x)
+        v = torch.cat([cached, v], dim=0)
+        return self._attend(v, y, attn_weights), v[v.size(0) - cached.size(0):]
+
+    def _inputs(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         s, v, y = self.in_proj(x).chunk(3, dim=-1)
-        v = self.whiten1(v) * torch.tanh(self.balancer(s))
-        v = v.reshape(t, b, attn_weights.shape[0], -1).permute(2, 1, 0, 3)
+        return self.whiten1(v) * torch.tanh(self.balancer(s)), y
+
+    def _attend(self, v: Tensor, y: Tensor, attn_weights: Tensor) -> Tensor:
+        h, b, t, n = attn_weights.shape
+        v = v.reshape(n, b, h, -1).permute(2, 1, 0, 3)
         v = torch.matmul(attn_weights, v).permute(2, 1, 0, 3).reshape(t, b, -1)
         return self.whiten2(self.out_proj(v * y))
 
@@ -252,31 +298,50 @@ class ConvolutionModule(nn.Module):
     """
 
     def __init__(self, channels: int, kernel_size: int, use_balancers: bool = False,
-                 use_whiten: bool = False):
+                 use_whiten: bool = False, causal: bool = False):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"cnn_module_kernel must be odd, got {kernel_size}")
         self.in_proj = nn.Linear(channels, 2 * channels)
         self.balancer1 = maybe(use_balancers, lambda: Balancer(
             channels, min_positive=0.025, max_positive=1.0, min_abs=1.5, max_abs=10.0))
-        self.depthwise_conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2,
-                                        groups=channels)
+        self.causal = causal
+        if causal:
+            self.depthwise_conv = ChunkCausalDepthwiseConv1d(channels, kernel_size)
+        else:
+            self.depthwise_conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2,
+                                            groups=channels)
         self.balancer2 = maybe(use_balancers, lambda: Balancer(
             channels, channel_dim=1, min_positive=0.05, max_positive=1.0, min_abs=0.5, max_abs=10.0))
         self.whiten = maybe(use_whiten, lambda: Whiten(whitening_limit=7.5, prob=0.1, grad_scale=0.01))
         self.out_proj = ActivationDropoutAndLinear(channels, channels, activation="SwooshR",
                                                    dropout_p=0.0, initial_scale=0.05)
 
-    def forward(self, x: Tensor, src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """x: (T, B, C); src_key_padding_mask: (B, T), True on padding."""
+    def _gated(self, x: Tensor, src_key_padding_mask: Optional[Tensor]) -> Tensor:
+        """(T, B, C) -> the depthwise conv's (B, C, T) input, zero on masked frames."""
         x, s = self.in_proj(x).chunk(2, dim=-1)
         x = x * torch.sigmoid(self.balancer1(s))
         x = x.permute(1, 2, 0)  # (B, C, T)
         if src_key_padding_mask is not None:
             x = x.masked_fill(src_key_padding_mask[:, None, :], 0.0)
-        x = self.balancer2(self.depthwise_conv(x))
-        x = x.permute(2, 0, 1)  # (T, B, C)
+        return x
+
+    def _output(self, x: Tensor) -> Tensor:
+        x = self.balancer2(x).permute(2, 0, 1)  # (T, B, C)
         return self.out_proj(self.whiten(x))
+
+    def forward(self, x: Tensor, src_key_padding_mask: Optional[Tensor] = None, chunk: int = FULL) -> Tensor:
+        """x: (T, B, C); src_key_padding_mask: (B, T), True on padding (and on frames this layer must not
+        read); chunk: the causal convolution's chunk size (ignored by a non-causal module)."""
+        x = self._gated(x, src_key_padding_mask)
+        x = self.depthwise_conv(x, chunk) if self.causal else self.depthwise_conv(x)
+        return self._output(x)
+
+    def streaming_forward(self, x: Tensor, cache: Tensor, src_key_padding_mask: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tensor]:
+        """One chunk (T, B, C) of a causal module, with the conv's cache (B, C, kernel // 2)."""
+        x, cache = self.depthwise_conv.streaming_forward(self._gated(x, src_key_padding_mask), cache)
+        return self._output(x), cache
 
 
 class BypassModule(nn.Module):
@@ -329,18 +394,21 @@ class Zipformer2EncoderLayer(nn.Module):
     """One Zipformer2 layer; see the module docstring for the order of its parts.
 
     ``forward(src (T, B, C), pos_emb (1, 2T-1, pos_dim), src_key_padding_mask (B, T) True=pad,
-    attn_mask (T, T) True=blocked) -> (T, B, C)``.
+    attn_mask (T, T) True=blocked, chunk) -> (T, B, C)``. ``causal=True`` makes its convolutions chunk-causal
+    (``chunk`` is their chunk size; the attention's limits come in ``attn_mask``), and gives it
+    ``streaming_forward``: one chunk at a time, with :meth:`init_cache`'s six tensors carried between chunks.
     """
 
     def __init__(self, embed_dim: int, pos_dim: int, num_heads: int, query_head_dim: int,
                  pos_head_dim: int, value_head_dim: int, feedforward_dim: int,
                  dropout: Optional[FloatLike] = 0.1, cnn_module_kernel: int = 31,
                  use_balancers: bool = False, use_whiten: bool = False,
-                 bypass_skip_rate: Optional[FloatLike] = None):
+                 bypass_skip_rate: Optional[FloatLike] = None, causal: bool = False):
         super().__init__()
         if dropout is None:
             dropout = _default_dropout()
         self.embed_dim = embed_dim
+        self.causal = causal
         # Rates that start high and decay to (nearly) zero, as functions of the training batch count.
         self.attention_skip_rate = ScheduledFloat((0.0, 0.2), (4000.0, 0.05), (16000.0, 0.0), default=0.0)
         self.conv_skip_rate = ScheduledFloat((0.0, 0.2), (4000.0, 0.05), (16000.0, 0.0), default=0.0)
@@ -364,8 +432,8 @@ class Zipformer2EncoderLayer(nn.Module):
         self.feed_forward3 = FeedforwardModule(embed_dim, (feedforward_dim * 5) // 4, **ff_kw)
         self.nonlin_attention = NonlinAttention(embed_dim, 3 * embed_dim // 4,
                                                 use_balancers=use_balancers, use_whiten=use_whiten)
-        self.conv_module1 = ConvolutionModule(embed_dim, cnn_module_kernel, use_balancers, use_whiten)
-        self.conv_module2 = ConvolutionModule(embed_dim, cnn_module_kernel, use_balancers, use_whiten)
+        self.conv_module1 = ConvolutionModule(embed_dim, cnn_module_kernel, use_balancers, use_whiten, causal)
+        self.conv_module2 = ConvolutionModule(embed_dim, cnn_module_kernel, use_balancers, use_whiten, causal)
         self.norm = BiasNorm(embed_dim)
         self.balancer1 = maybe(use_balancers, lambda: Balancer(
             embed_dim, min_positive=0.45, max_positive=0.55, min_abs=0.2, max_abs=4.0))
@@ -374,7 +442,7 @@ class Zipformer2EncoderLayer(nn.Module):
         self.whiten = maybe(use_whiten, lambda: Whiten(whitening_limit=4.0, prob=0.1, grad_scale=0.01))
 
     def forward(self, src: Tensor, pos_emb: Tensor, src_key_padding_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None) -> Tensor:
+                attn_mask: Optional[Tensor] = None, chunk: int = FULL) -> Tensor:
         training = self.training
         src_orig = src
         attn_weights = self.self_attn_weights(src, pos_emb=pos_emb, key_padding_mask=src_key_padding_mask,
@@ -390,19 +458,63 @@ class Zipformer2EncoderLayer(nn.Module):
         src = src + _apply(attn_drop, self.nonlin_attention(src, head0))
         src = src + _apply(attn_drop, self.self_attn1(src, attn_weights))
         src = src + _apply(_sequence_mask(src, float(self.conv_skip_rate), training),
-                           self.conv_module1(src, src_key_padding_mask))
+                           self.conv_module1(src, src_key_padding_mask, chunk))
         src = src + _apply(_sequence_mask(src, float(self.ff2_skip_rate), training), self.feed_forward2(src))
 
         src = self.bypass_mid(src_orig, src)
 
         src = src + _apply(attn_drop, self.self_attn2(src, attn_weights))
         src = src + _apply(_sequence_mask(src, float(self.conv_skip_rate), training),
-                           self.conv_module2(src, src_key_padding_mask))
+                           self.conv_module2(src, src_key_padding_mask, chunk))
         src = src + _apply(_sequence_mask(src, float(self.ff3_skip_rate), training), self.feed_forward3(src))
 
         src = self.norm(self.balancer1(src))
         src = self.bypass(src_orig, src)
         return self.whiten(self.balancer2(src))
+
+    def init_cache(self, batch: int, left: int, device: torch.device, dtype: torch.dtype = torch.float32
+                   ) -> List[Tensor]:
+        """Zeros for a stream that has heard nothing: keys (L, B, H*dq), non-linear attention values
+        (L, B, 3C/4), values of both self-attentions (L, B, H*dv), and both convolutions' last inputs
+        (B, C, kernel // 2); L = ``left`` frames at this layer's rate."""
+        attn = self.self_attn_weights
+        dv = self.self_attn1.in_proj.out_features
+        half = self.conv_module1.depthwise_conv.half
+        z = functools.partial(torch.zeros, device=device, dtype=dtype)
+        return [z(left, batch, attn.num_heads * attn.query_head_dim),
+                z(left, batch, self.nonlin_attention.hidden_channels),
+                z(left, batch, dv), z(left, batch, dv),
+                z(batch, self.embed_dim, half), z(batch, self.embed_dim, half)]
+
+    def streaming_forward(self, src: Tensor, pos_emb: Tensor, cache: Sequence[Tensor], key_mask: Tensor,
+                          src_key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor]]:
+        """One chunk (T, B, C) after L cached frames (eval only).
+
+        pos_emb: (1, 2T+L-1, pos_dim); key_mask: (B, L+T), True for keys that may not be read (slots a young
+        stream has not filled, frames past its end); src_key_padding_mask: (B, T), the chunk's frames past
+        the stream's end (zeroed before the convolutions). Returns the chunk's output and the next cache.
+        The result equals ``forward`` over the whole utterance with the chunk mask, frame for frame."""
+        if not self.causal:
+            raise RuntimeError("streaming needs a causal layer (train with --causal true)")
+        key, nonlin, val1, val2, conv1, conv2 = cache
+        src_orig = src
+        attn_weights, key = self.self_attn_weights.streaming_forward(src, pos_emb, key, key_mask)
+        src = src + self.feed_forward1(src)
+        out, nonlin = self.nonlin_attention.streaming_forward(src, attn_weights[0:1], nonlin)
+        src = src + out
+        out, val1 = self.self_attn1.streaming_forward(src, attn_weights, val1)
+        src = src + out
+        out, conv1 = self.conv_module1.streaming_forward(src, conv1, src_key_padding_mask)
+        src = src + out
+        src = src + self.feed_forward2(src)
+        src = self.bypass_mid(src_orig, src)
+        out, val2 = self.self_attn2.streaming_forward(src, attn_weights, val2)
+        src = src + out
+        out, conv2 = self.conv_module2.streaming_forward(src, conv2, src_key_padding_mask)
+        src = src + out
+        src = src + self.feed_forward3(src)
+        src = self.bypass(src_orig, self.norm(src))
+        return src, [key, nonlin, val1, val2, conv1, conv2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,13 +544,33 @@ class Zipformer2Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, src: Tensor, feature_mask: Union[Tensor, float] = 1.0,
-                src_key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
+                src_key_padding_mask: Optional[Tensor] = None, chunking: Chunking = Chunking()) -> Tensor:
+        """src: (T, B, C) at this stack's rate; ``chunking`` as this stack sees it."""
         pos_emb = self.encoder_pos(src)
+        attn_mask = chunk_attn_mask(src.shape[0], chunking, src.device)
         out = src * feature_mask
         for layer in self.layers:
-            out = layer(out, pos_emb, src_key_padding_mask=src_key_padding_mask, attn_mask=attn_mask)
+            out = layer(out, pos_emb, src_key_padding_mask=src_key_padding_mask, attn_mask=attn_mask,
+                        chunk=chunking.chunk)
             out = out * feature_mask
         return out
+
+    def init_cache(self, batch: int, left: int, device: torch.device, dtype: torch.dtype = torch.float32
+                   ) -> List[List[Tensor]]:
+        return [layer.init_cache(batch, left, device, dtype) for layer in self.layers]
+
+    def streaming_forward(self, src: Tensor, caches: Sequence[Sequence[Tensor]], cache_valid: Tensor,
+                          lengths: Tensor) -> Tuple[Tensor, List[List[Tensor]]]:
+        """One chunk (T, B, C) at this stack's rate. cache_valid: (B, L), the cached frames a query may read;
+        lengths: (B,) the chunk's frames that belong to the stream (T but at its end)."""
+        pad = _padding_mask(lengths, src.shape[0])
+        key_mask = torch.cat([~cache_valid, pad], dim=1)
+        pos_emb = self.encoder_pos(src, left=cache_valid.shape[1])
+        new = []
+        for layer, cache in zip(self.layers, caches):
+            src, cache = layer.streaming_forward(src, pos_emb, cache, key_mask, pad)
+            new.append(cache)
+        return src, new
 
 
 def pad_by_repeating_last(src: Tensor, lengths: Optional[Tensor], target_len: int) -> Tensor:
@@ -500,17 +632,31 @@ class DownsampledZipformer2Encoder(nn.Module):
         self.upsample = SimpleUpsample(downsample)
         self.out_combiner = BypassModule(dim)
 
-    def forward(self, src: Tensor, lengths: Tensor, feature_mask: Union[Tensor, float] = 1.0) -> Tensor:
+    def forward(self, src: Tensor, lengths: Tensor, feature_mask: Union[Tensor, float] = 1.0,
+                chunking: Chunking = Chunking()) -> Tensor:
         ds = self.downsample_factor
         src_orig = src
         x = self.downsample(src, lengths)
         ds_lengths = torch.div(lengths + ds - 1, ds, rounding_mode="floor")
         if isinstance(feature_mask, Tensor) and feature_mask.shape[0] > 1:
             feature_mask = feature_mask[::ds]
-        x = self.encoder(x, feature_mask=feature_mask,
-                         src_key_padding_mask=_padding_mask(ds_lengths, x.shape[0]))
+        x = self.encoder(x, feature_mask=feature_mask, src_key_padding_mask=_padding_mask(ds_lengths, x.shape[0]),
+                         chunking=chunking.at_rate(ds))
         x = self.upsample(x)[: src_orig.shape[0]]
         return self.out_combiner(src_orig, x)
+
+    def init_cache(self, batch: int, left: int, device: torch.device, dtype: torch.dtype = torch.float32
+                   ) -> List[List[Tensor]]:
+        return self.encoder.init_cache(batch, left // self.downsample_factor, device, dtype)
+
+    def streaming_forward(self, src: Tensor, caches: Sequence[Sequence[Tensor]], cache_valid: Tensor,
+                          lengths: Tensor) -> Tuple[Tensor, List[List[Tensor]]]:
+        """One chunk (T, B, C) at the full rate; cache_valid (B, L / ds) at this stack's rate."""
+        ds = self.downsample_factor
+        x = self.downsample(src, lengths)
+        x, caches = self.encoder.streaming_forward(x, caches, cache_valid,
+                                                   torch.div(lengths + ds - 1, ds, rounding_mode="floor"))
+        return self.out_combiner(src, self.upsample(x)[: src.shape[0]]), caches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,6 +682,10 @@ class Zipformer2(nn.Module):
     number of stacks is ``len(downsampling_factor)``. ``feature_mask_dropout_prob``: in training, on this
     fraction of sequences the channels above ``encoder_unmasked_dim`` are zeroed (twice as often for the
     top half of them), which trains the narrow part of every stack to work on its own.
+
+    ``causal=True``: chunk-causal attention and convolutions in every stack (``chunk_size`` and
+    ``left_context_frames``, in frames at the input rate, are drawn per training batch; ``chunks.set``
+    fixes them for evaluation), and ``streaming_forward`` decodes chunk by chunk.
     """
 
     def __init__(self, output_downsampling_factor: int = 2,
@@ -549,7 +699,8 @@ class Zipformer2(nn.Module):
                  cnn_module_kernel: IntOrTuple = (31, 31, 15, 15, 15, 31), pos_dim: int = 48,
                  dropout: Optional[FloatLike] = None, warmup_batches: float = 4000.0,
                  feature_mask_dropout_prob: float = 0.125, use_balancers: bool = False,
-                 use_whiten: bool = False):
+                 use_whiten: bool = False, causal: bool = False, chunk_size: Sequence[int] = (FULL,),
+                 left_context_frames: Sequence[int] = (FULL,)):
         super().__init__()
         if output_downsampling_factor not in (1, 2):
             raise ValueError(f"Zipformer2 supports output_downsampling_factor 1 or 2, not {output_downsampling_factor}")
@@ -579,7 +730,8 @@ class Zipformer2(nn.Module):
                 embed_dim=self.encoder_dim[i], pos_dim=pos_dim, num_heads=self.num_heads[i],
                 query_head_dim=query_head_dim[i], pos_head_dim=pos_head_dim[i],
                 value_head_dim=value_head_dim[i], feedforward_dim=feedforward_dim[i], dropout=dropout,
-                cnn_module_kernel=cnn_module_kernel[i], use_balancers=use_balancers, use_whiten=use_whiten)
+                cnn_module_kernel=cnn_module_kernel[i], use_balancers=use_balancers, use_whiten=use_whiten,
+                causal=causal)
             stack = Zipformer2Encoder(
                 layer_kwargs, self.num_encoder_layers[i], pos_dim=pos_dim,
                 warmup_begin=warmup_batches * (i + 1) / (n + 1), warmup_end=warmup_batches * (i + 2) / (n + 1),
@@ -593,6 +745,12 @@ class Zipformer2(nn.Module):
         self.downsample_output = SimpleDownsample(2) if output_downsampling_factor == 2 else None
         self.exits: List[int] = [sum(self.num_encoder_layers)]
         self.output_dims: List[int] = [max(self.encoder_dim)]
+        factor = output_downsampling_factor
+        for d in self.downsampling_factor:
+            factor = factor * d // math.gcd(factor, d)
+        # each stack's convolutions reach kernel // 2 of its frames back, ds frames of the input each
+        reach = max(k // 2 * d for k, d in zip(cnn_module_kernel, self.downsampling_factor))
+        self.chunks = CausalChunks(causal, chunk_size, left_context_frames, chunk_factor=factor, conv_context=reach)
 
     def _feature_masks(self, x: Tensor) -> List[Union[Tensor, float]]:
         """Per-stack (1, B, C) 0/1 masks on the channels above encoder_unmasked_dim (training only)."""
@@ -631,17 +789,53 @@ class Zipformer2(nn.Module):
         pad_mask = _padding_mask(x_lens, t)
         x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(0, 1)  # (T, B, C)
         feature_masks = self._feature_masks(x)
+        chunking = self.chunks.current(self.training)
         outputs = []
         for i, stack in enumerate(self.encoders):
             x = convert_num_channels(x, self.encoder_dim[i])
             if isinstance(stack, DownsampledZipformer2Encoder):
-                x = stack(x, x_lens, feature_mask=feature_masks[i])
+                x = stack(x, x_lens, feature_mask=feature_masks[i], chunking=chunking)
             else:
-                x = stack(x, feature_mask=feature_masks[i], src_key_padding_mask=pad_mask)
+                x = stack(x, feature_mask=feature_masks[i], src_key_padding_mask=pad_mask, chunking=chunking)
             outputs.append(x)
+        return [self._output(outputs, x_lens)]
+
+    def _output(self, outputs: List[Tensor], x_lens: Tensor) -> Tuple[Tensor, Tensor]:
+        """The stacks' (T, B, C) outputs -> the encoder's (B, T_out, D) output and lengths."""
         x = self._full_dim_output(outputs)
         if self.downsample_output is None:
-            return [(x.transpose(0, 1), x_lens)]
+            return x.transpose(0, 1), x_lens
         x = self.downsample_output(x, x_lens)
-        out_lens = torch.div(x_lens + 1, 2, rounding_mode="floor")
-        return [(x.transpose(0, 1), out_lens)]
+        return x.transpose(0, 1), torch.div(x_lens + 1, 2, rounding_mode="floor")
+
+    # ------------------------------------------------------------------ streaming
+    def init_states(self, batch: int, left: int, device: torch.device = torch.device("cpu"),
+                    dtype: torch.dtype = torch.float32) -> List[List[List[Tensor]]]:
+        """Per stack, per layer, the six caches of a stream that has heard nothing; ``left`` frames of left
+        context at the input rate (a multiple of every stack's downsampling)."""
+        if left <= 0:
+            raise ValueError("streaming needs a finite left context (--left-context-frames > 0)")
+        check_chunking((self.chunks.chunk_factor,), (left,), self.chunks.chunk_factor)
+        return [stack.init_cache(batch, left, device, dtype) for stack in self.encoders]
+
+    def streaming_forward(self, x: Tensor, x_lens: Tensor, states: Sequence[Sequence[Sequence[Tensor]]],
+                          processed_lens: Tensor) -> Tuple[Tensor, Tensor, List[List[List[Tensor]]]]:
+        """One chunk. x: (B, T, C) at the input rate (T a multiple of the largest downsampling); x_lens: (B,)
+        its frames that belong to each stream; processed_lens: (B,) frames each stream had before it (cache
+        slots before the stream's start are masked). Returns the chunk's output, its lengths, the next states."""
+        if not self.chunks.causal:
+            raise RuntimeError("streaming needs a causal encoder (train with --causal true)")
+        pad_mask = _padding_mask(x_lens, x.shape[1])
+        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(0, 1)
+        outputs, new_states = [], []
+        for i, (stack, caches) in enumerate(zip(self.encoders, states)):
+            ds = self.downsampling_factor[i]
+            x = convert_num_channels(x, self.encoder_dim[i])
+            left = caches[0][0].shape[0]
+            valid = torch.arange(left, device=x.device).unsqueeze(0) >= left - torch.div(
+                processed_lens, ds, rounding_mode="floor").unsqueeze(1)
+            x, caches = stack.streaming_forward(x, caches, valid, x_lens)
+            outputs.append(x)
+            new_states.append(caches)
+        out, out_lens = self._output(outputs, x_lens)
+        return out, out_lens, new_states
