@@ -148,8 +148,13 @@ def latest_fixed(runs: Sequence[Dict]) -> Dict[Tuple, Dict]:
 
 
 def _method(r: Dict) -> str:
+    """How a run decoded: the search (and beam), and for a causal model its chunks, streamed or simulated."""
     m = r["method"]
-    return f"{m} (beam {r['beam']})" if m in ("modified_beam_search", "ctc_prefix_beam_search") else m
+    label = f"{m} (beam {r['beam']})" if m in ("modified_beam_search", "ctc_prefix_beam_search") else m
+    if r.get("chunk_size"):
+        how = "streaming" if r.get("streaming") else "simulated"
+        label += f", {how} {r['chunk_ms']:g} ms chunks, {r['left_context_ms'] / 1000:g} s left"
+    return label
 
 
 def _num(x: Optional[float], fmt: str) -> str:

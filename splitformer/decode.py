@@ -30,120 +30,24 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import torch
 
-from splitformer.decoding.exits import SCORED, SCORERS, STRATEGIES, parse_threshold, pick_under_budget, simulate, sweep_thresholds
-from splitformer.decoding.loading import (DecodeSetupError, averaged_state, build_and_load, checkpoint_args,
-                                         load_checkpoint_file, load_tokenizer)
-from splitformer.decoding.results import (update_results_json, utterance_errors, word_error_rate, write_error_stats,
-                                         write_recogs)
+from splitformer.decoding.cli import (add_checkpoint_arguments, add_chunk_arguments, add_data_arguments,
+                                      add_exit_arguments, add_search_arguments)
+from splitformer.decoding.exits import SCORED, parse_threshold, pick_under_budget, simulate, sweep_thresholds
+from splitformer.decoding.loading import (DecodeSetupError, apply_chunking, load_model, load_tokenizer, test_loader,
+                                         test_sets)
+from splitformer.decoding.results import fmt_macs, mean_seconds, run_tag, update_results_json, word_error_rate, write_run
 from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit, default_scorer
-from splitformer.decoding.search import CTC_METHODS, METHODS
+from splitformer.decoding.search import CTC_METHODS
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--exp-dir", type=Path, required=True, help="where epoch-N.pt are; results go under it")
-    p.add_argument("--epoch", type=int, default=0, help="decode with epoch-<epoch>.pt (the last averaged epoch)")
-    p.add_argument("--iter", type=int, default=0, help="decode with checkpoint-<iter>.pt instead (and the avg-1 before it)")
-    p.add_argument("--avg", type=int, default=1, help="average epochs epoch-avg+1..epoch")
-    p.add_argument("--use-averaged-model", action="store_true",
-                   help="use the running average model_avg between the ends of epochs epoch-avg and epoch (icefall's method)")
-    p.add_argument("--exit-layer", type=str, default=None,
-                   help="layer whose exit decodes; 'all' decodes every exit in one encoder pass; default: the last exit")
-    p.add_argument("--decoding-method", type=str, default="greedy_search", choices=METHODS)
-    p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--exit-strategy", type=str, default="fixed", choices=STRATEGIES,
-                   help="entropy/confidence/posterior: climb the exits and stop at the first confident one (per utterance)")
-    p.add_argument("--exit-threshold", type=str, default=None,
-                   help="entropy: exit when mean frame entropy (nats) < T; confidence: exit when mean max posterior > T; "
-                        "posterior: exit when the best of the N-best has posterior > T (paper 1's); "
-                        "'sweep': simulate many thresholds for every criterion from one pass over all exits")
-    p.add_argument("--exit-nbest", type=int, default=4,
-                   help="N of the beam (CTC prefix beam, or the transducer's modified beam) whose scores the "
-                        "posterior criterion normalises over")
-    p.add_argument("--exit-scorer", type=str, default=None, choices=list(SCORERS),
-                   help="what the criteria read at each exit: its CTC head (default when the model has one) or its "
-                        "transducer (greedy-path posteriors, blank included; modified-beam N-best for posterior)")
-    p.add_argument("--exit-budget-macs", type=float, default=None,
-                   help="mean encoder MACs per second of audio the dynamic exits may spend; the --exit-strategy "
-                        "threshold is chosen on --budget-set to meet it with the lowest WER")
-    p.add_argument("--exit-budget-rtf", type=float, default=None,
-                   help="the same for the encoder's real-time factor on this machine (each exit's RTF measured on --budget-set)")
-    p.add_argument("--budget-set", type=str, default="dev", help="the set on which a budget's threshold is chosen")
-    p.add_argument("--dataset", type=str, default="an4", help="recipe name in splitformer.data.recipes.DATASETS")
-    p.add_argument("--test-sets", type=str, default=None, help="comma list; default: the recipe's test sets")
-    p.add_argument("--manifest-dir", type=Path, default=Path("data/fbank"))
-    p.add_argument("--bpe-model", type=Path, default=None, help="default: data/lang_bpe_<vocab size>/bpe.model")
-    p.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
-    p.add_argument("--device", type=str, default="cpu")
-    p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_checkpoint_arguments(p)
+    add_search_arguments(p)
+    add_exit_arguments(p, per="utterance")
+    add_chunk_arguments(p, streaming=False)
+    add_data_arguments(p)
     return p
-
-
-def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float, input_kind: str = "fbank"):
-    """Batches of one test set in a fixed order (so that every run sees the same batches), in the input the
-    model reads (``model.input_kind``)."""
-    from lhotse import CutSet
-    from lhotse.dataset import K2SpeechRecognitionDataset, SimpleCutSampler
-
-    from splitformer.data.datamodule import input_strategy
-
-    path = Path(manifest_dir) / f"{dataset}_cuts_{split}.jsonl.gz"
-    if not path.is_file():
-        raise DecodeSetupError(f"test manifest {path} does not exist; run ./prepare.sh or pass --manifest-dir")
-    cuts = CutSet.from_file(path)
-    sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
-    ds = K2SpeechRecognitionDataset(input_strategy=input_strategy(input_kind), return_cuts=True)
-    loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
-    return loader, cuts
-
-
-def run_tag(args: argparse.Namespace, exit_part: str) -> str:
-    tag = f"iter-{args.iter}_avg-{args.avg}" if args.iter > 0 else f"epoch-{args.epoch}_avg-{args.avg}"
-    if args.use_averaged_model:
-        tag += "_use-averaged-model"
-    if getattr(args, "exit_scorer", None) == "transducer" and not exit_part.isdigit() and exit_part != "all":
-        exit_part += "-scorer-transducer"  # dynamic runs read the transducer, not the CTC heads
-    tag += f"_exit-{exit_part}_{args.decoding_method}"
-    if args.decoding_method in ("modified_beam_search", "ctc_prefix_beam_search"):
-        tag += f"_beam-{args.beam_size}"
-    return tag
-
-
-def load_model(args: argparse.Namespace):
-    """The architecture from the newest checkpoint used, the weights averaged as asked."""
-    if args.iter > 0:
-        last = args.exp_dir / f"checkpoint-{args.iter}.pt"
-    elif args.epoch > 0:
-        last = args.exp_dir / f"epoch-{args.epoch}.pt"
-    else:
-        raise DecodeSetupError("give --epoch E (>= 1) or --iter N (> 0)")
-    ckpt = load_checkpoint_file(last)
-    margs = checkpoint_args(ckpt, last)
-    del ckpt
-    state = averaged_state(args.exp_dir, args.epoch, args.avg, args.use_averaged_model, iteration=args.iter)
-    return build_and_load(margs, state, getattr(margs, "vocab_size", None), str(last)), margs
-
-
-def _write_exit(out_dir: Path, test_set: str, tag: str, results, enc_s: float, dec_s: float, audio_s: float,
-                macs: Optional[float], extra: Dict) -> Dict:
-    write_recogs(out_dir / f"recogs-{test_set}-{tag}.txt", results)
-    wer = write_error_stats(out_dir / f"errs-{test_set}-{tag}.txt", test_set, results)
-    _, counts = word_error_rate(results)
-    entry = dict(
-        tag=tag, test_set=test_set, wer=wer, num_errors=counts["ins"] + counts["dels"] + counts["sub"],
-        ins=counts["ins"], dels=counts["dels"], sub=counts["sub"], ref_words=counts["ref"], num_utts=len(results),
-        audio_seconds=audio_s, rtf_encoder=enc_s / audio_s if audio_s else math.nan,
-        rtf_decode=dec_s / audio_s if audio_s else math.nan, macs_per_second=macs,
-        utt_errors=utterance_errors(results), **extra,
-    )
-    with open(out_dir / f"wer-summary-{test_set}-{tag}.txt", "w") as f:
-        f.write("settings\tWER\tRTF-encoder\tRTF-decode\tencoder-MACs-per-s\n")
-        f.write(f"{tag}\t{wer:.2f}\t{entry['rtf_encoder']:.4f}\t{entry['rtf_decode']:.4f}\t{_fmt_macs(macs)}\n")
-    return entry
-
-
-def _fmt_macs(macs: Optional[float]) -> str:
-    return "nan" if macs is None else f"{macs / 1e6:.1f}M"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -163,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     model, margs = load_model(args)
+    chunking = apply_chunking(model, margs, args)
     exits = model.exits
     sweep = args.exit_threshold is not None and args.exit_threshold.strip().lower() == "sweep"
     dynamic = args.exit_strategy != "fixed"
@@ -199,15 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.exit_nbest < 1:
         raise DecodeSetupError(f"--exit-nbest must be >= 1, got {args.exit_nbest}")
 
-    if args.test_sets:
-        test_sets = [s for s in args.test_sets.split(",") if s]
-    else:
-        from splitformer.data.recipes import get_dataset
-
-        try:
-            test_sets = list(get_dataset(args.dataset).test_splits)
-        except ValueError as e:
-            raise DecodeSetupError(str(e)) from None
+    sets = test_sets(args)
     bpe = args.bpe_model or Path(f"data/lang_bpe_{margs.vocab_size}/bpe.model")
     tokenizer = load_tokenizer(bpe)
     out_dir = args.exp_dir / args.decoding_method
@@ -215,20 +112,20 @@ def _run(args: argparse.Namespace) -> int:
     params = count_params(model)
     common = dict(exp_dir=str(args.exp_dir), preset=getattr(margs, "preset", None), method=args.decoding_method,
                   beam=args.beam_size, epoch=args.epoch, iter=args.iter, avg=args.avg, use_averaged_model=args.use_averaged_model,
-                  params=params, exits=exits, scorer=args.exit_scorer or default_scorer(model))
+                  params=params, exits=exits, scorer=args.exit_scorer or default_scorer(model), **chunking)
 
     # MACs per exit (counted on CPU, at each set's mean utterance length) before moving to the device.
     prepared = []
-    for test_set in test_sets:
+    for test_set in sets:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration, model.input_kind)
         audio_s = float(sum(c.duration for c in cuts))
-        ref_seconds = _mean_seconds(cuts)
+        ref_seconds = mean_seconds(cuts)
         prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
     budget_info: Dict = {}
     if budget is not None:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, args.budget_set, args.max_duration,
                                    model.input_kind)
-        dev_macs = exit_macs(model, seconds=_mean_seconds(cuts))
+        dev_macs = exit_macs(model, seconds=mean_seconds(cuts))
         model.to(device)
         threshold, budget_info = choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget, dev_macs)
     model.to(device)
@@ -242,19 +139,19 @@ def _run(args: argparse.Namespace) -> int:
             rows = []
             for e, run in runs.items():
                 tag = run_tag(args, str(e))
-                entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds,
+                entry = write_run(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds,
                                     audio_s, macs[e], dict(common, kind="fixed", exit_layer=e, macs_seconds=ref_seconds,
                                                            from_sweep=True))
                 update_results_json(json_path, entry)
                 rows.append((tag, entry))
                 logging.info(f"{test_set} exit {e}: WER {entry['wer']:.2f}% RTF enc {entry['rtf_encoder']:.4f} "
-                             f"dec {entry['rtf_decode']:.4f} MACs/s {_fmt_macs(macs[e])}")
+                             f"dec {entry['rtf_decode']:.4f} MACs/s {fmt_macs(macs[e])}")
             all_tag = run_tag(args, "all")
             with open(out_dir / f"wer-summary-{test_set}-{all_tag}.txt", "w") as f:
                 f.write("settings\texit\tWER\tRTF-encoder\tRTF-decode\tencoder-MACs-per-s\n")
                 for tag, en in rows:
                     f.write(f"{tag}\t{en['exit_layer']}\t{en['wer']:.2f}\t{en['rtf_encoder']:.4f}\t"
-                            f"{en['rtf_decode']:.4f}\t{_fmt_macs(en['macs_per_second'])}\n")
+                            f"{en['rtf_decode']:.4f}\t{fmt_macs(en['macs_per_second'])}\n")
             if sweep:
                 _write_sweep(out_dir, test_set, args, traces, exits, macs, json_path, common)
         elif dynamic:
@@ -275,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
                 achieved = mean_macs if budget[0] == "macs" else (run.encoder_seconds / audio_s if audio_s else math.nan)
                 extra.update(budget_info)
                 extra.update(kind="budget", achieved_cost=achieved)
-            entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
+            entry = write_run(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
                                 mean_macs, extra)
             if budget is not None:
                 logging.info(f"{test_set}: budget {budget[0]} {budget[1]:.6g} -> threshold {threshold:.6g} "
@@ -285,24 +182,19 @@ def _run(args: argparse.Namespace) -> int:
                 f.write(f"# mean exit layer {mean_exit:.2f}; exits used: {entry['exit_counts']}\n")
             update_results_json(json_path, entry)
             logging.info(f"{test_set} {args.exit_strategy} T={threshold}: WER {entry['wer']:.2f}% mean exit "
-                         f"{mean_exit:.2f} mean MACs/s {_fmt_macs(mean_macs)}")
+                         f"{mean_exit:.2f} mean MACs/s {fmt_macs(mean_macs)}")
         else:
             e = exits[-1] if args.exit_layer is None else int(args.exit_layer)
             run = decode_exit(model, loader, tokenizer, e, args.decoding_method, args.beam_size, device,
                               desc=f"{test_set} exit {e}")
             tag = run_tag(args, str(e))
-            entry = _write_exit(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
+            entry = write_run(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
                                 macs[e], dict(common, kind="fixed", exit_layer=e, macs_seconds=ref_seconds))
             update_results_json(json_path, entry)
             logging.info(f"{test_set} exit {e}: WER {entry['wer']:.2f}% RTF enc {entry['rtf_encoder']:.4f} "
-                         f"dec {entry['rtf_decode']:.4f} MACs/s {_fmt_macs(macs[e])}")
+                         f"dec {entry['rtf_decode']:.4f} MACs/s {fmt_macs(macs[e])}")
     logging.info(f"results in {out_dir}")
     return 0
-
-
-def _mean_seconds(cuts) -> float:
-    """A set's mean utterance length (0.1 s steps, at least 0.5 s): the length at which MACs are counted."""
-    return max(0.5, round(float(sum(c.duration for c in cuts)) / max(len(cuts), 1), 1))
 
 
 def _budget(args: argparse.Namespace) -> Optional[Tuple[str, float]]:

@@ -186,7 +186,13 @@ def sweep_thresholds(traces: Sequence[UttTrace], strategy: str, points: int = 24
     """0, +inf and up to ``points`` thresholds between quantiles of the scores seen, so the curve
     spans first exit to last exit. Thresholds sit half-way between two distinct observed scores,
     never on one, so that float noise (e.g. from padding in a batch) cannot flip a decision."""
-    vals = sorted(set(s for tr in traces for s in tr.scores(strategy)))
+    return thresholds_between([s for tr in traces for s in tr.scores(strategy)], points)
+
+
+def thresholds_between(scores: Sequence[float], points: int) -> List[float]:
+    """0, +inf and up to ``points`` thresholds half-way between consecutive distinct ``scores``, spread over
+    their quantiles (see :func:`sweep_thresholds`)."""
+    vals = sorted(set(float(s) for s in scores if not math.isnan(s)))
     qs = {0.0, math.inf}
     if len(vals) > 1:
         for k in range(points):

@@ -97,3 +97,76 @@ def load_tokenizer(path: Path):
     from splitformer.data.tokenizer import Tokenizer
 
     return Tokenizer(str(path))
+
+
+def load_model(args: argparse.Namespace):
+    """The architecture from the newest checkpoint used (``--epoch`` or ``--iter``), the weights averaged as
+    ``--avg`` and ``--use-averaged-model`` say. Returns (model in eval mode, its flags)."""
+    if args.iter > 0:
+        last = args.exp_dir / f"checkpoint-{args.iter}.pt"
+    elif args.epoch > 0:
+        last = args.exp_dir / f"epoch-{args.epoch}.pt"
+    else:
+        raise DecodeSetupError("give --epoch E (>= 1) or --iter N (> 0)")
+    ckpt = load_checkpoint_file(last)
+    margs = checkpoint_args(ckpt, last)
+    del ckpt
+    state = averaged_state(args.exp_dir, args.epoch, args.avg, args.use_averaged_model, iteration=args.iter)
+    return build_and_load(margs, state, getattr(margs, "vocab_size", None), str(last)), margs
+
+
+def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float, input_kind: str = "fbank"):
+    """Batches of one test set in a fixed order (so that every run sees the same batches), in the input the
+    model reads (``model.input_kind``). Returns (loader, cuts)."""
+    from lhotse.dataset import K2SpeechRecognitionDataset, SimpleCutSampler
+
+    from splitformer.data.datamodule import input_strategy
+
+    cuts = test_cuts(manifest_dir, dataset, split)
+    sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
+    ds = K2SpeechRecognitionDataset(input_strategy=input_strategy(input_kind), return_cuts=True)
+    loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
+    return loader, cuts
+
+
+def test_sets(args: argparse.Namespace) -> list:
+    """``--test-sets`` as a list, or the recipe's test sets."""
+    if args.test_sets:
+        return [s for s in args.test_sets.split(",") if s]
+    from splitformer.data.recipes import get_dataset
+
+    try:
+        return list(get_dataset(args.dataset).test_splits)
+    except ValueError as e:
+        raise DecodeSetupError(str(e)) from None
+
+
+def frame_ms(margs: argparse.Namespace) -> float:
+    """Milliseconds per frame after the front end, the unit of --chunk-size (20 for conv2d, 40 for conv1d)."""
+    return 40.0 if getattr(margs, "encoder_embed", "conv2d") == "conv1d" else 20.0
+
+
+def apply_chunking(model: AsrModel, margs: argparse.Namespace, args: argparse.Namespace, streaming: bool = False
+                   ) -> Dict[str, Any]:
+    """Sets ``--chunk-size`` / ``--left-context-frames`` on the model (the chunk mask of every forward) and
+    returns the fields that results entries record about them."""
+    chunk, left = int(args.chunk_size), int(args.left_context_frames)
+    try:
+        model.set_chunking(chunk, left)
+    except ValueError as e:
+        raise DecodeSetupError(f"{e} ({frame_ms(margs):g} ms a frame for this model)") from None
+    if chunk <= 0:
+        return {}
+    ms = frame_ms(margs)
+    return dict(chunk_size=chunk, left_context_frames=left, chunk_ms=chunk * ms, left_context_ms=left * ms,
+                streaming=streaming)
+
+
+def test_cuts(manifest_dir: Path, dataset: str, split: str):
+    """The prepared cuts (with features) of one test set."""
+    from lhotse import CutSet
+
+    path = Path(manifest_dir) / f"{dataset}_cuts_{split}.jsonl.gz"
+    if not path.is_file():
+        raise DecodeSetupError(f"test manifest {path} does not exist; run ./prepare.sh or pass --manifest-dir")
+    return CutSet.from_file(path)

@@ -112,3 +112,51 @@ def update_results_json(path: Path, entry: Dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)
+
+
+def run_tag(args, exit_part: str, streaming: bool = False) -> str:
+    """The name of one decoding run (file names and the key in results-<set>.json): checkpoint and average,
+    exit (or exit rule), chunking, method and beam."""
+    tag = f"iter-{args.iter}_avg-{args.avg}" if args.iter > 0 else f"epoch-{args.epoch}_avg-{args.avg}"
+    if args.use_averaged_model:
+        tag += "_use-averaged-model"
+    if getattr(args, "exit_scorer", None) == "transducer" and not exit_part.isdigit() and exit_part != "all":
+        exit_part += "-scorer-transducer"  # dynamic runs read the transducer, not the CTC heads
+    tag += f"_exit-{exit_part}"
+    chunk = getattr(args, "chunk_size", -1)
+    if chunk and chunk > 0:
+        tag += f"_{'streaming' if streaming else 'simulated'}-chunk-{chunk}-left-{args.left_context_frames}"
+    tag += f"_{args.decoding_method}"
+    if args.decoding_method in ("modified_beam_search", "ctc_prefix_beam_search"):
+        tag += f"_beam-{args.beam_size}"
+    return tag
+
+
+def fmt_macs(macs) -> str:
+    return "nan" if macs is None else f"{macs / 1e6:.1f}M"
+
+
+def mean_seconds(cuts) -> float:
+    """A set's mean utterance length (0.1 s steps, at least 0.5 s): the length at which MACs are counted."""
+    return max(0.5, round(float(sum(c.duration for c in cuts)) / max(len(cuts), 1), 1))
+
+
+def write_run(out_dir: Path, test_set: str, tag: str, results: Sequence[Result], enc_s: float, dec_s: float,
+              audio_s: float, macs, extra: Dict) -> Dict:
+    """recogs, errs and wer-summary files of one run; returns its entry for results-<set>.json."""
+    import math
+
+    write_recogs(out_dir / f"recogs-{test_set}-{tag}.txt", results)
+    wer = write_error_stats(out_dir / f"errs-{test_set}-{tag}.txt", test_set, results)
+    _, counts = word_error_rate(results)
+    entry = dict(
+        tag=tag, test_set=test_set, wer=wer, num_errors=counts["ins"] + counts["dels"] + counts["sub"],
+        ins=counts["ins"], dels=counts["dels"], sub=counts["sub"], ref_words=counts["ref"], num_utts=len(results),
+        audio_seconds=audio_s, rtf_encoder=enc_s / audio_s if audio_s else math.nan,
+        rtf_decode=dec_s / audio_s if audio_s else math.nan, macs_per_second=macs,
+        utt_errors=utterance_errors(results), **extra,
+    )
+    with open(out_dir / f"wer-summary-{test_set}-{tag}.txt", "w") as f:
+        f.write("settings\tWER\tRTF-encoder\tRTF-decode\tencoder-MACs-per-s\n")
+        f.write(f"{tag}\t{wer:.2f}\t{entry['rtf_encoder']:.4f}\t{entry['rtf_decode']:.4f}\t{fmt_macs(macs)}\n")
+    return entry

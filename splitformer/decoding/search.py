@@ -8,10 +8,14 @@ compared on their own objective.
 
 Both transducer searches emit at most one symbol per frame (icefall's ``max_sym_per_frame=1``),
 so greedy and beam search explore the same lattice and their scores are comparable.
+
+Every search can also go on from where it stopped (``*_continue``, with its state per utterance), so that a
+stream is decoded chunk by chunk with the same result as the whole utterance at once; the states are
+immutable values, so a tentative step (a dynamic exit's scoring pass) can be kept or dropped.
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,21 +58,45 @@ def greedy_search(model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tens
     return greedy_search_with_posteriors(model, enc_proj, enc_lens)[0]
 
 
+@dataclass(frozen=True)
+class GreedyState:
+    """Where a transducer greedy search stands: tokens so far, the decoder's context, the path's log-prob."""
+
+    tokens: Tuple[int, ...]
+    context: Tuple[int, ...]
+    log_prob: float = 0.0
+
+    def hyp(self) -> Hyp:
+        return Hyp(list(self.tokens), self.log_prob)
+
+
+def greedy_start(model: nn.Module) -> GreedyState:
+    return GreedyState((), tuple(_initial_context(model.decoder.context_size, model.blank_id)))
+
+
 @torch.no_grad()
 def greedy_search_with_posteriors(
     model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor
 ) -> Tuple[List[Hyp], torch.Tensor]:
     """:func:`greedy_search`, and the joiner's (B, T, V) log-posteriors over blank and the tokens at each
     frame of the greedy path (zeros past an utterance's length): what the transducer exit scorer reads."""
+    states, path = greedy_continue(model, enc_proj, enc_lens, [greedy_start(model)] * enc_proj.shape[0])
+    return [s.hyp() for s in states], path
+
+
+@torch.no_grad()
+def greedy_continue(
+    model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor, states: Sequence[GreedyState]
+) -> Tuple[List[GreedyState], torch.Tensor]:
+    """Greedy search over (B, T, J) more frames from ``states``: the new states and the path's (B, T, V)
+    log-posteriors (zeros past an utterance's length)."""
     B, T, _ = enc_proj.shape
-    blank = model.blank_id
     silent = _silent_tokens(model)
-    cs = model.decoder.context_size
     device = enc_proj.device
-    contexts = [_initial_context(cs, blank) for _ in range(B)]
-    tokens: List[List[int]] = [[] for _ in range(B)]
-    scores = torch.zeros(B, dtype=torch.float64)
-    dec = _decoder_proj(model, contexts, device)  # (B, J)
+    contexts = [list(s.context) for s in states]
+    tokens: List[List[int]] = [list(s.tokens) for s in states]
+    scores = torch.tensor([s.log_prob for s in states], dtype=torch.float64)
+    dec = _decoder_proj(model, contexts, device) if B else None  # (B, J)
     lens = enc_lens.tolist()
     path: Optional[torch.Tensor] = None
     for t in range(T):
@@ -94,7 +122,7 @@ def greedy_search_with_posteriors(
             dec[emitted] = _decoder_proj(model, [contexts[b] for b in emitted], device)
     if path is None:
         path = torch.zeros(B, T, model.vocab_size, device=device)
-    return [Hyp(tokens[b], float(scores[b])) for b in range(B)], path
+    return [GreedyState(tuple(tokens[b]), tuple(contexts[b]), float(scores[b])) for b in range(B)], path
 
 
 @torch.no_grad()
@@ -110,19 +138,42 @@ def modified_beam_search(
     return [nbest[0] for nbest in modified_beam_nbest(model, enc_proj, enc_lens, beam)]
 
 
+Beam = Dict[Tuple[int, ...], float]  # token sequence, the initial context first -> log-prob
+
+
+def beam_start(model: nn.Module, context: Optional[Sequence[int]] = None) -> Beam:
+    """A beam of one: the utterance start, or (``context``) a hypothesis that ends with these tokens."""
+    if context is None:
+        context = _initial_context(model.decoder.context_size, model.blank_id)
+    return {tuple(context): 0.0}
+
+
+def beam_nbest(model: nn.Module, beam: Beam) -> List[Hyp]:
+    """A beam's hypotheses, best first, without their initial context."""
+    cs = model.decoder.context_size
+    return [Hyp(list(ys[cs:]), lp) for ys, lp in sorted(beam.items(), key=lambda kv: -kv[1])]
+
+
 @torch.no_grad()
 def modified_beam_nbest(
     model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor, beam: int = 4
 ) -> List[List[Hyp]]:
     """The final beam of :func:`modified_beam_search` per utterance, best first."""
+    start = beam_start(model)
+    beams = modified_beam_continue(model, enc_proj, enc_lens, [start] * enc_proj.shape[0], beam)
+    return [beam_nbest(model, b) for b in beams]
+
+
+@torch.no_grad()
+def modified_beam_continue(
+    model: nn.Module, enc_proj: torch.Tensor, enc_lens: torch.Tensor, beams: Sequence[Beam], beam: int = 4
+) -> List[Beam]:
+    """:func:`modified_beam_search` over (B, T, J) more frames, from ``beams`` (one per utterance)."""
     B, T, _ = enc_proj.shape
-    blank = model.blank_id
     silent = _silent_tokens(model)
     cs = model.decoder.context_size
     device = enc_proj.device
-    init = tuple(_initial_context(cs, blank))
-    # Per utterance: token sequence (with initial context) -> log-prob.
-    beams: List[Dict[Tuple[int, ...], float]] = [{init: 0.0} for _ in range(B)]
+    beams = list(beams)
     lens = enc_lens.tolist()
     for t in range(T):
         active = [b for b in range(B) if t < lens[b]]
@@ -153,7 +204,7 @@ def modified_beam_nbest(
                 new[ys] = lp if old is None else _logaddexp(old, lp)
             beams[b] = new
             start += n
-    return [[Hyp(list(ys[cs:]), lp) for ys, lp in sorted(beams[b].items(), key=lambda kv: -kv[1])] for b in range(B)]
+    return beams
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -165,15 +216,35 @@ def _logaddexp(a: float, b: float) -> float:
     return m + math.log1p(math.exp(-abs(a - b)))
 
 
+@dataclass(frozen=True)
+class CtcGreedyState:
+    """A CTC best path so far: its tokens, the last frame's label (repeats collapse across chunks), log-prob."""
+
+    tokens: Tuple[int, ...] = ()
+    last: int = -1
+    log_prob: float = 0.0
+
+    def hyp(self) -> Hyp:
+        return Hyp(list(self.tokens), self.log_prob)
+
+
 @torch.no_grad()
 def ctc_greedy_search(log_probs: torch.Tensor, lens: torch.Tensor, blank_id: int = 0) -> List[Hyp]:
     """Best path: frame-wise argmax, repeats collapsed, blanks removed. Score = best path log-prob."""
+    return [s.hyp() for s in ctc_greedy_continue(log_probs, lens, [CtcGreedyState()] * log_probs.size(0), blank_id)]
+
+
+@torch.no_grad()
+def ctc_greedy_continue(log_probs: torch.Tensor, lens: torch.Tensor, states: Sequence[CtcGreedyState],
+                        blank_id: int = 0) -> List[CtcGreedyState]:
+    """:func:`ctc_greedy_search` over (B, T, V) more frames, from ``states``."""
     best_lp, best = log_probs.max(-1)
     out = []
     for b, n in enumerate(lens.tolist()):
-        path = best[b, :n].tolist()
-        tokens = [k for i, k in enumerate(path) if k != blank_id and (i == 0 or path[i - 1] != k)]
-        out.append(Hyp(tokens, float(best_lp[b, :n].double().sum())))
+        path = [states[b].last] + best[b, :n].tolist()
+        tokens = list(states[b].tokens) + [k for i, k in enumerate(path[1:], 1)
+                                           if k != blank_id and path[i - 1] != k]
+        out.append(CtcGreedyState(tuple(tokens), path[-1], states[b].log_prob + float(best_lp[b, :n].double().sum())))
     return out
 
 
@@ -191,12 +262,30 @@ def ctc_prefix_beam_search(
     return [nbest[0] for nbest in ctc_prefix_beam_nbest(log_probs, lens, beam, blank_id)]
 
 
+Prefixes = Dict[Tuple[int, ...], Tuple[float, float]]  # label prefix -> (log p ending in blank, in its last label)
+CTC_START: Prefixes = {(): (0.0, -math.inf)}
+
+
+def prefix_nbest(prefixes: Prefixes) -> List[Hyp]:
+    final = sorted(((_logaddexp(pb, pnb), k) for k, (pb, pnb) in prefixes.items()), key=lambda sk: -sk[0])
+    return [Hyp(list(k), score) for score, k in final]
+
+
 @torch.no_grad()
 def ctc_prefix_beam_nbest(
     log_probs: torch.Tensor, lens: torch.Tensor, beam: int = 4, blank_id: int = 0
 ) -> List[List[Hyp]]:
     """The final beam of :func:`ctc_prefix_beam_search` per utterance, best first (at most ``beam``
     hypotheses): what paper 1's posterior exit criterion normalises over."""
+    starts = [CTC_START] * log_probs.size(0)
+    return [prefix_nbest(p) for p in ctc_prefix_beam_continue(log_probs, lens, starts, beam, blank_id)]
+
+
+@torch.no_grad()
+def ctc_prefix_beam_continue(
+    log_probs: torch.Tensor, lens: torch.Tensor, states: Sequence[Prefixes], beam: int = 4, blank_id: int = 0
+) -> List[Prefixes]:
+    """:func:`ctc_prefix_beam_search` over (B, T, V) more frames, from each utterance's prefixes."""
     out = []
     cand_k = min(beam, log_probs.size(-1))
     for b, n in enumerate(lens.tolist()):
@@ -204,7 +293,7 @@ def ctc_prefix_beam_nbest(
         top = lp.topk(cand_k, dim=-1).indices.tolist()
         rows = lp.tolist()
         ninf = -math.inf
-        prefixes: Dict[Tuple[int, ...], Tuple[float, float]] = {(): (0.0, ninf)}
+        prefixes: Prefixes = dict(states[b])
         for t in range(n):
             row = rows[t]
             nxt: Dict[Tuple[int, ...], List[float]] = {}
@@ -228,8 +317,7 @@ def ctc_prefix_beam_nbest(
                         add(prefix + (c,), 1, tot + row[c])
             ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]), reverse=True)[:beam]
             prefixes = {k: (v[0], v[1]) for k, v in ranked}
-        final = sorted(((_logaddexp(pb, pnb), k) for k, (pb, pnb) in prefixes.items()), key=lambda sk: -sk[0])
-        out.append([Hyp(list(k), score) for score, k in final])
+        out.append(prefixes)
     return out
 
 
