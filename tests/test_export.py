@@ -16,7 +16,7 @@ import onnxruntime  # noqa: F401
 
 from splitformer.checkpoint import average_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
 from splitformer.model.config import build_model, default_model_args, model_args_dict  # noqa: E402
-from splitformer.onnx_export import (  # noqa: E402
+from splitformer.export import (  # noqa: E402
     CtcExit,
     EncoderExit,
     ExportError,
@@ -263,7 +263,7 @@ def test_ctc_only_splitformer_paper_gets_only_ctc_files(tmp_path):
 
 
 def test_int8_files_run_and_are_smaller(exported, tmp_path):
-    from splitformer.onnx_export import quantize_int8
+    from splitformer.export import quantize_int8
 
     model, out, _ = exported("ee-conformer")
     q = quantize_int8(out / "ctc-exit4.onnx")
@@ -298,7 +298,7 @@ def test_cli_script_exports_average_tokens_and_pretrained(tmp_path):
     assert set(pre["model"]) == set(avg) and all(torch.equal(pre["model"][k], avg[k]) for k in avg)
     assert pre["args"]["vocab_size"] == VOCAB and pre["args"]["exit_layers"] == "2,4"
     # pretrained.pt rebuilds the same model
-    from splitformer.onnx_export import model_from_args
+    from splitformer.export import model_from_args
 
     m, _ = model_from_args(pre["args"])
     m.load_state_dict(pre["model"])

@@ -317,7 +317,7 @@ def test_onnx_export_and_onnxruntime_give_pretrained_pys_words(overfit_hf, capsy
     import sys
 
     from splitformer.export import main as export_main
-    from splitformer.onnx_export import read_metadata
+    from splitformer.export import read_metadata
 
     t = overfit_hf
     out = t["root"] / "onnx"

@@ -1,0 +1,4 @@
+"""``python -m splitformer.export``: the same as ``./splitformer/export.py``."""
+from splitformer.export.cli import main
+
+main()
