@@ -4,12 +4,16 @@
 #
 #   ./run.sh [--schedule short|long] [--models "zipformer-cpu ee-zipformer-cpu splitformer-cpu"]
 #            [--seeds "42"] [--exp-root exp] [--num-epochs N] [--avg N] [--max-duration S]
-#            [--corpus-dir ../shared/data/an4] [--decoding-method greedy_search]
-#            [--train-args "..."] [--stage 0] [--stop-stage 3]
+#            [--corpus-dir ../shared/data/an4] [--decoding-method greedy_search] [--jobs 2]
+#            [--streaming false] [--train-args "..."] [--stage 0] [--stop-stage 3]
 #
 # Stages: 0 prepare data, 1 train, 2 decode, 3 report. Each model trains into <exp-root>/<preset>
 # (<exp-root>/<preset>-seed<N> for seeds other than 42); the report goes to <exp-root>/report/.
-# --schedule short is the main job (about an hour on a 2-core CPU); long trains longer (see README).
+# --jobs N trains N models at a time, each on (cores / N) threads, longest first (on 2 cores two 1-thread
+# runs finish the three models in about two thirds of the time one 2-thread run after another takes).
+# --streaming true adds the causal Splitformer (splitformer-cpu-causal) and decodes every causal model as a
+# stream too: 320 and 640 ms chunks at every exit, and per-chunk dynamic exits at half the last exit's compute.
+# --schedule short is the main job (about 40 minutes on a 2-core CPU); long trains longer (see README).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,6 +29,8 @@ decoding_method=greedy_search
 stage=0
 stop_stage=3
 extra_train_args=""
+jobs=""
+streaming=false
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,7 +46,9 @@ while [ $# -gt 0 ]; do
     --stage) stage=$2; shift 2 ;;
     --stop-stage) stop_stage=$2; shift 2 ;;
     --train-args) extra_train_args=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    --streaming) streaming=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +64,15 @@ case "$schedule" in
   long) def_epochs=60; def_avg=10; def_max_duration=25 ;;
   *) echo "run.sh: --schedule must be short or long, not '$schedule'" >&2; exit 2 ;;
 esac
+case "$streaming" in
+  true) case " $models " in *" splitformer-cpu-causal "*) ;; *) models="$models splitformer-cpu-causal" ;; esac ;;
+  false) ;;
+  *) echo "run.sh: --streaming must be true or false, not '$streaming'" >&2; exit 2 ;;
+esac
+cores=$(nproc 2>/dev/null || echo 1)
+jobs=${jobs:-$(( cores >= 2 ? 2 : 1 ))}
+[ "$jobs" -ge 1 ] || { echo "run.sh: --jobs must be >= 1" >&2; exit 2; }
+threads=$(( cores / jobs )); [ "$threads" -ge 1 ] || threads=1
 num_epochs=${num_epochs:-$def_epochs}
 avg=${avg:-$def_avg}
 max_duration=${max_duration:-$def_max_duration}
@@ -95,17 +112,51 @@ if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
   ./prepare.sh --dataset an4 --corpus-dir "$corpus_dir" --variants true
 fi
 
+# Training cost of a preset relative to the others (seconds per epoch on one thread here), so that --jobs
+# starts the longest runs first and the lanes end together.
+train_weight() {
+  case "$1" in
+    zipformer-cpu) echo 163 ;; splitformer-cpu-causal) echo 95 ;; splitformer-cpu|zipformer-cpu-lite) echo 86 ;;
+    *) echo 84 ;;
+  esac
+}
+
+train_one() {  # preset seed dir: one run, its log in <dir>/log/train-stdout.txt (tail shown on failure)
+  local m=$1 s=$2 d=$3
+  mkdir -p "$d/log"
+  # shellcheck disable=SC2086
+  if ! ./splitformer/train.py --preset "$m" --exp-dir "$d" --num-epochs "$num_epochs" --seed "$s" \
+      --max-duration "$max_duration" --num-threads "$threads" $an4_train_args $extra_train_args \
+      --progress-bar "$([ "$jobs" = 1 ] && echo true || echo false)" > "$d/log/train-stdout.txt" 2>&1; then
+    echo "run.sh: training $m (seed $s) failed; the end of $d/log/train-stdout.txt:" >&2
+    tail -n 30 "$d/log/train-stdout.txt" >&2
+    return 1
+  fi
+}
+
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
-  for r in "${runs[@]}"; do
+  # longest first, at most $jobs at a time
+  mapfile -t ordered < <(for r in "${runs[@]}"; do read -r m _ _ <<< "$r"; echo "$(train_weight "$m") $r"; done \
+                         | sort -k1,1nr | cut -d' ' -f2-)
+  running=0
+  failed=0
+  for r in "${ordered[@]}"; do
+    while [ "$running" -ge "$jobs" ]; do
+      wait -n || failed=1
+      running=$((running - 1))
+    done
     read -r m s d <<< "$r"
-    progress "stage 1: train $m, seed $s ($num_epochs epochs) in $d"
-    t0=$(date +%s)
-    # shellcheck disable=SC2086
-    ./splitformer/train.py --preset "$m" --exp-dir "$d" --num-epochs "$num_epochs" --seed "$s" \
-      --max-duration "$max_duration" $an4_train_args $extra_train_args
-    train_seconds=$((train_seconds + $(date +%s) - t0))
-    epochs_done=$((epochs_done + num_epochs))
+    progress "stage 1: train $m, seed $s ($num_epochs epochs, $threads thread(s), $jobs at a time) in $d"
+    train_one "$m" "$s" "$d" &
+    running=$((running + 1))
   done
+  while [ "$running" -gt 0 ]; do
+    wait -n || failed=1
+    running=$((running - 1))
+  done
+  [ "$failed" = 0 ] || { echo "run.sh: a training run failed (see above)" >&2; exit 1; }
+  train_seconds=$(( $(date +%s) - start ))
+  epochs_done=$total_epochs
 fi
 
 if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
@@ -115,6 +166,24 @@ if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
     ./splitformer/decode.py --exp-dir "$d" --epoch "$num_epochs" --avg "$avg" \
       --use-averaged-model --exit-layer all --decoding-method "$decoding_method" --max-duration 200 \
       --test-sets "$test_sets"
+    if [ "$streaming" = true ] && [[ "$m" == *-causal ]]; then
+      # 320 and 640 ms chunks (8 and 16 frames of 40 ms) with 2.56 and 5.12 s of left context, as icefall
+      # decodes its 320/640 ms models; then per-chunk exits at half the last exit's compute, the threshold of
+      # each criterion chosen on dev
+      ckpt=(--exp-dir "$d" --epoch "$num_epochs" --avg "$avg" --use-averaged-model --decoding-method "$decoding_method")
+      for cl in "8 64" "16 128"; do
+        read -r c l <<< "$cl"
+        progress "stage 2: stream $m in chunks of $c frames"
+        ./splitformer/streaming_decode.py "${ckpt[@]}" --exit-layer all --chunk-size "$c" --left-context-frames "$l" \
+          --test-sets dev,test
+      done
+      for crit in "confidence ctc" "confidence transducer" "entropy transducer"; do
+        read -r strategy scorer <<< "$crit"
+        progress "stage 2: stream $m with per-chunk exits ($strategy, $scorer) at half the compute"
+        ./splitformer/streaming_decode.py "${ckpt[@]}" --chunk-size 8 --left-context-frames 64 --test-sets test \
+          --exit-strategy "$strategy" --exit-scorer "$scorer" --exit-budget-fraction 0.5
+      done
+    fi
   done
 fi
 

@@ -18,6 +18,18 @@ With ``--exit-strategy entropy|confidence`` (dynamic exits) it runs ``stem.onnx`
 below it, or mean max posterior above it; the last exit always stops), then decodes there: the blocks above that
 exit never run. The exit each file stopped at goes to stderr.
 
+``--streaming`` (a causal model exported with ``export.py --streaming true``) reads ``<model-dir>/streaming/`` and
+decodes each file as a live stream: chunk after chunk through the streaming ``stem.onnx`` and ``block<i>.onnx``
+with their states, each chunk at ``--exit-layer`` or at the first exit that passes ``--exit-strategy``. A block a
+chunk does not reach moves its caches on by the chunk (the chunk is absent there), as PyTorch's streaming decoder
+does; the search goes on across chunks whatever exit each took. The audio is padded with silence up to whole
+chunks. The exit of every chunk goes to stderr.
+
+    ./splitformer/export.py --exp-dir exp/splitformer-cpu-causal --epoch 12 --avg 4 --use-averaged-model \
+        --streaming true --chunk-size 8 --left-context-frames 32 --tokens data/lang_bpe_30/tokens.txt
+    python examples/onnx_decode.py --model-dir exp/splitformer-cpu-causal/onnx --streaming \
+        --exit-strategy confidence --exit-threshold 0.9 a.wav
+
 Needs numpy, soundfile, kaldi-native-fbank and onnxruntime (scipy to resample audio that is not 16 kHz),
 and the features of splitformer.decoding.audio, which import no torch. A model exported from a pretrained
 backbone (``--encoder hf``; metadata ``input=waveform``) is fed the 16 kHz samples instead of fbank.
@@ -25,13 +37,13 @@ backbone (``--encoder hf``; metadata ``input=waveform``) is fed the 16 kHz sampl
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from splitformer.decoding.audio import SAMPLE_RATE, fbank  # noqa: E402  (torch-free)
+from splitformer.decoding.audio import SAMPLE_RATE, chunks_in, fbank, stream_features  # noqa: E402  (torch-free)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -43,6 +55,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-threshold", type=float, default=None)
     p.add_argument("--method", choices=["transducer", "ctc"], default="transducer")
     p.add_argument("--int8", action="store_true", help="use the *.int8.onnx files")
+    p.add_argument("--streaming", action="store_true",
+                   help="decode chunk by chunk with <model-dir>/streaming/ (export.py --streaming true)")
     p.add_argument("--tokens", type=Path, default=None, help="default: <model-dir>/tokens.txt")
     p.add_argument("sound_files", nargs="+", type=Path)
     return p
@@ -118,16 +132,17 @@ def ctc_greedy(log_probs: np.ndarray, blank: int) -> List[int]:
 
 
 def transducer_greedy(enc: np.ndarray, decoder: Session, joiner: Session, context: int, blank: int,
-                      unk: int = -1) -> List[int]:
-    """Greedy search over projected encoder frames (T, J), at most one symbol per frame; <unk> is not emitted."""
-    hyp = [blank] * context
+                      unk: int = -1, hyp: Optional[List[int]] = None) -> List[int]:
+    """Greedy search over projected encoder frames (T, J), at most one symbol per frame; <unk> is not emitted.
+    ``hyp``: where a stream's search stands (its initial context and tokens so far); returned extended."""
+    hyp = list(hyp) if hyp is not None else [blank] * context
     dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
     for t in range(enc.shape[0]):
         tok = int(joiner(enc[t:t + 1], dec)[0].argmax(-1)[0])
         if tok not in (blank, unk):
             hyp.append(tok)
             dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
-    return hyp[context:]
+    return hyp
 
 
 def frame_scores(log_probs: np.ndarray) -> Dict[str, float]:
@@ -172,7 +187,11 @@ def main(argv=None) -> int:
     if args.exit_strategy != "fixed":
         if args.exit_threshold is None or args.exit_layer is not None:
             raise SystemExit("onnx_decode.py: --exit-strategy needs --exit-threshold, and chooses the exit itself")
+        if args.streaming:
+            return decode_streaming(args, d, suffix, tokens)
         return decode_dynamic(args, d, suffix, tokens)
+    if args.streaming:
+        return decode_streaming(args, d, suffix, tokens)
     if args.exit_layer is None:
         raise SystemExit("onnx_decode.py: give --exit-layer N, or --exit-strategy with --exit-threshold")
     if args.method == "ctc":
@@ -189,7 +208,7 @@ def main(argv=None) -> int:
         if args.method == "ctc":
             ids = ctc_greedy(out[0, :n], blank)
         else:
-            ids = transducer_greedy(out[0, :n], decoder, joiner, context, blank, unk_id(tokens))
+            ids = transducer_greedy(out[0, :n], decoder, joiner, context, blank, unk_id(tokens))[context:]
         print(f"{f}\t{to_text(ids, tokens)}")
     return 0
 
@@ -205,9 +224,105 @@ def decode_dynamic(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
         if args.method == "ctc":
             ids = ctc_greedy(outs["log_probs"][0, :n], blank)
         else:
-            ids = transducer_greedy(outs["encoder_out"][0, :n], decoder, joiner, context, blank, unk_id(tokens))
+            ids = transducer_greedy(outs["encoder_out"][0, :n], decoder, joiner, context, blank, unk_id(tokens))[context:]
         print(f"{f}\t{to_text(ids, tokens)}")
         print(f"{f}: exit {exit_layer}", file=sys.stderr)
+    return 0
+
+
+class StreamingRunner:
+    """The streaming stem.onnx and block<i>.onnx: one chunk at a time, a state per block, a depth per chunk."""
+
+    def __init__(self, d: Path, suffix: str) -> None:
+        self.stem = Session(d / f"stem{suffix}")
+        meta = self.stem.meta
+        self.T, self.shift = int(meta["T"]), int(meta["decode_chunk_len"])
+        self.out_frames = int(meta["out_frames"])
+        self.blocks = [Session(d / f"block{i}{suffix}") for i in range(int(meta["num_blocks"]))]
+        self.exits = [int(b.meta["exit_layer"]) for b in self.blocks]
+        self.outputs = [o.name for o in self.blocks[0].sess.get_outputs()]
+
+    def init_states(self) -> List[List[np.ndarray]]:
+        """Zeros (and every cache slot absent) for a stream that has heard nothing, per block."""
+        states = []
+        for block in self.blocks:
+            st = []
+            for i in block.sess.get_inputs()[1:]:
+                shape = [1 if isinstance(d, str) else d for d in i.shape]
+                st.append(np.zeros(shape, dtype=bool if i.name == "valid" else np.float32))
+            states.append(st)
+        return states
+
+    def skip(self, state: List[np.ndarray]) -> List[np.ndarray]:
+        """A block the chunk did not reach: every cache moves on by the chunk, which enters it as absent (the
+        branch's caches, at half the rate, by half as many frames)."""
+        valid, caches = state[0], state[1:]
+        n = self.out_frames
+        out = [np.concatenate([valid[:, n:], np.zeros_like(valid[:, :n])], axis=1)]
+        for i in range(0, len(caches), 6):
+            layer = caches[i:i + 6]
+            f = n * layer[0].shape[0] // valid.shape[1]  # frames of this chunk at this layer's rate
+            for c in layer[:4]:  # (L, N, D): keys and values
+                out.append(np.concatenate([c[f:], np.zeros_like(c[:f])], axis=0))
+            for c in layer[4:]:  # (N, D, kernel // 2): the convolution's last inputs
+                z = np.zeros(c.shape[:2] + (f,), dtype=c.dtype)
+                out.append(np.concatenate([c, z], axis=2)[:, :, f:])
+        return out
+
+    def climb(self, window: np.ndarray, embed: np.ndarray, states: List[List[np.ndarray]], stop_at: Optional[int],
+              strategy: str, threshold: Optional[float]):
+        """One chunk: the stem, then block after block until ``stop_at`` or the first exit that passes; the blocks
+        above are skipped. Returns (exit layer, its outputs by name, the next embed state)."""
+        h, embed = self.stem(window[None], embed)
+        chosen = None
+        for b, block in enumerate(self.blocks):
+            if chosen is not None:
+                states[b] = self.skip(states[b])
+                continue
+            outs = dict(zip(self.outputs, block(h, *states[b])))
+            states[b] = [outs["new_valid"]] + [outs["new_" + i.name] for i in block.sess.get_inputs()[2:]]
+            h = outs["next"]
+            last = b == len(self.blocks) - 1 or self.exits[b] == stop_at
+            if last or (stop_at is None and passes(strategy, frame_scores(outs["log_probs"][0])[strategy], threshold)):
+                chosen = (self.exits[b], outs)
+        return chosen[0], chosen[1], embed
+
+
+def decode_streaming(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
+    sd = d / "streaming"
+    if not (sd / f"stem{suffix}").is_file():
+        raise SystemExit(f"onnx_decode.py: {sd / ('stem' + suffix)} does not exist: export with --streaming true")
+    runner = StreamingRunner(sd, suffix)
+    if args.exit_strategy != "fixed" and "log_probs" not in runner.outputs:
+        raise SystemExit("onnx_decode.py: dynamic exits read the CTC posteriors, but these blocks have no CTC head")
+    if args.exit_layer is not None and args.exit_layer not in runner.exits:
+        raise SystemExit(f"onnx_decode.py: no exit after layer {args.exit_layer}; exits: {runner.exits}")
+    stop_at = (args.exit_layer or runner.exits[-1]) if args.exit_strategy == "fixed" else None
+    if args.method == "transducer":
+        decoder, joiner = Session(sd / f"decoder{suffix}"), Session(sd / f"joiner{suffix}")
+        context = int(decoder.meta.get("context_size", 2))
+    blank = int(runner.blocks[0].meta.get("blank_id", 0))
+    for f in args.sound_files:
+        feats = stream_features(audio(f), runner.T, runner.shift)
+        states = runner.init_states()
+        embed = np.zeros((1, 128, 3, 19), dtype=np.float32)
+        hyp, prev, exits = None, blank, []
+        ids: List[int] = []
+        for k in range(chunks_in(feats.shape[0], runner.T, runner.shift)):
+            window = feats[k * runner.shift: k * runner.shift + runner.T]
+            e, outs, embed = runner.climb(window, embed, states, stop_at, args.exit_strategy, args.exit_threshold)
+            exits.append(e)
+            if args.method == "ctc":
+                for t in outs["log_probs"][0].argmax(-1).tolist():
+                    if t != blank and t != prev:
+                        ids.append(t)
+                    prev = t
+            else:
+                hyp = transducer_greedy(outs["encoder_out"][0], decoder, joiner, context, blank, unk_id(tokens), hyp)
+        if args.method == "transducer":
+            ids = (hyp or [0] * context)[context:]
+        print(f"{f}\t{to_text(ids, tokens)}")
+        print(f"{f}: chunk exits {' '.join(map(str, exits))}", file=sys.stderr)
     return 0
 
 

@@ -47,6 +47,9 @@ def get_parser() -> argparse.ArgumentParser:
     add_exit_arguments(p, per="chunk")
     add_chunk_arguments(p, streaming=True)
     add_data_arguments(p)
+    p.add_argument("--exit-budget-fraction", type=float, default=None,
+                   help="a budget as a fraction of the last exit's MACs per second (0.5: half its compute); "
+                        "instead of --exit-budget-macs")
     p.add_argument("--max-streams", type=int, default=64, help="streams decoded side by side in one batch")
     p.add_argument("--budget-thresholds", type=int, default=12,
                    help="with a budget: how many thresholds are tried on --budget-set (each a full streaming decode)")
@@ -97,15 +100,17 @@ def _check(args: argparse.Namespace, model) -> None:
         if layer not in model.exits:
             raise DecodeSetupError(f"no exit after layer {layer}; valid exits: {', '.join(map(str, model.exits))}")
     dynamic = args.exit_strategy != "fixed"
+    given = [f for f in ("exit_threshold", "exit_budget_macs", "exit_budget_fraction") if getattr(args, f) is not None]
     if dynamic and args.exit_layer is not None:
         raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} chooses the exit per chunk; drop --exit-layer")
-    if dynamic and (args.exit_threshold is None) == (args.exit_budget_macs is None):
-        raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs one of --exit-threshold T or "
-                               "--exit-budget-macs M")
-    if not dynamic and (args.exit_threshold is not None or args.exit_budget_macs is not None):
-        raise DecodeSetupError("--exit-threshold and --exit-budget-macs need --exit-strategy entropy|confidence|posterior")
-    if args.exit_budget_macs is not None and not args.exit_budget_macs > 0:
-        raise DecodeSetupError(f"--exit-budget-macs must be positive, got {args.exit_budget_macs}")
+    if dynamic and len(given) != 1:
+        raise DecodeSetupError(f"--exit-strategy {args.exit_strategy} needs one of --exit-threshold T, "
+                               "--exit-budget-macs M or --exit-budget-fraction F")
+    if not dynamic and given:
+        raise DecodeSetupError("--exit-threshold and the budgets need --exit-strategy entropy|confidence|posterior")
+    for f in ("exit_budget_macs", "exit_budget_fraction"):
+        if getattr(args, f) is not None and not getattr(args, f) > 0:
+            raise DecodeSetupError(f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}")
     if args.exit_nbest < 1:
         raise DecodeSetupError(f"--exit-nbest must be >= 1, got {args.exit_nbest}")
 
@@ -129,6 +134,11 @@ def _run(args: argparse.Namespace) -> int:
     dynamic = args.exit_strategy != "fixed"
     threshold = None if args.exit_threshold is None else parse_threshold(args.exit_threshold)
     budget_info: Dict = {}
+    if dynamic and args.exit_budget_fraction is not None:
+        costs = _decoder(model, args, None, None).costs
+        args.exit_budget_macs = args.exit_budget_fraction * costs.fixed(len(model.exits) - 1) / costs.seconds
+        logging.info(f"budget: {args.exit_budget_fraction:g} of the last exit's {fmt_macs(costs.fixed(len(model.exits) - 1) / costs.seconds)} "
+                     f"MACs/s = {fmt_macs(args.exit_budget_macs)}")
     if dynamic and args.exit_budget_macs is not None:
         threshold, budget_info = choose_threshold(model, tokenizer, args)
     for test_set in test_sets(args):

@@ -133,6 +133,50 @@ def test_chunk_causal_conv_sees_nothing_after_its_chunk_and_streams_exactly():
     torch.testing.assert_close(torch.cat(pieces, -1), y, atol=1e-6, rtol=0)
 
 
+def test_absent_frames_are_zeros_to_other_chunks_but_not_to_their_own():
+    """Per-chunk exits: a chunk that stopped below a block is zeros to the later chunks' convolutions there, as in
+    a stream (its cache slots were zeroed), while its own frames still see each other."""
+    torch.manual_seed(1)
+    conv = ChunkCausalDepthwiseConv1d(5, 7)
+    x = torch.randn(2, 5, 32)
+    absent = torch.zeros(2, 32, dtype=torch.bool)
+    absent[0, 8:16] = True  # stream 0's second chunk stopped below this block
+    y = conv(x, chunk=8, absent=absent)
+    zeroed = conv(x.masked_fill(absent.unsqueeze(1), 0.0), chunk=8)
+    present = ~absent[0]
+    torch.testing.assert_close(y[0][:, present], zeroed[0][:, present], atol=1e-6, rtol=0)
+    torch.testing.assert_close(y[1], conv(x, chunk=8)[1], atol=1e-6, rtol=0)  # nothing absent: unchanged
+    torch.testing.assert_close(y[0][:, 8:16], conv(x, chunk=8)[0][:, 8:16], atol=1e-6, rtol=0)  # sees itself
+
+
+def test_training_with_per_chunk_exits_masks_random_chunks():
+    """--chunk-exit-prob: chunked training batches in which chunks stop at random exits; the upper exits change
+    (absent chunks in their context), the first exit cannot, and the loss trains."""
+    import random
+
+    torch.manual_seed(0)
+    model = build_model(default_model_args(**dict(SPLIT, chunk_exit_prob=1.0, chunk_size="8",
+                                                  left_context_frames="32")), 30)
+    model.train()
+    for m in model.modules():  # no dropout, so that two forwards differ only by the drawn exits
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    feats, lens = torch.randn(2, 300, 80), torch.tensor([300, 250])
+    random.seed(0)
+    torch.manual_seed(1)
+    a = model.encode_exits(feats, lens)
+    model.encoder.chunk_exit_prob = 0.0
+    random.seed(0)
+    torch.manual_seed(1)
+    b = model.encode_exits(feats, lens)
+    assert torch.equal(a[0][1], b[0][1]) and not torch.allclose(a[-1][1], b[-1][1])
+    model.encoder.chunk_exit_prob = 1.0
+    out = model(feats, lens, [[3, 4, 5], [6, 7]])
+    loss = sum(v["simple"] + v["pruned"] + v["ctc"] for v in out.values())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for n, p in model.named_parameters() if "layers.5" in n)
+
+
 def test_full_context_is_one_chunk_as_long_as_the_utterance():
     """--chunk-size -1 is the full forward: with edge factors at their start (1) a single chunk that holds the
     whole input gives the same convolution, and an unlimited one-chunk attention mask blocks nothing."""

@@ -109,3 +109,20 @@ def file_features(path: Path, min_seconds: float = 0.0) -> Tuple[np.ndarray, flo
     """Features of one file (``file_samples``, then ``fbank``), and its peak amplitude."""
     samples, peak = file_samples(path, min_seconds)
     return fbank(samples), peak
+
+
+def chunks_in(num_frames: int, window: int, shift: int) -> int:
+    """Whole chunks in ``num_frames`` fbank frames when each reads ``window`` frames, ``shift`` after the last."""
+    return (num_frames - window) // shift + 1 if num_frames >= window else 0
+
+
+def stream_features(samples: np.ndarray, window: int, shift: int) -> np.ndarray:
+    """The fbank of a stream's audio followed by silence (zero samples, as sherpa-onnx's callers pad) until its
+    frames make whole chunks, the last chunk's look-ahead included: what a streaming model hears of a file."""
+    feats = fbank(samples)
+    chunks = max(1, -(-max(feats.shape[0] - (window - shift), 1) // shift))
+    need = (chunks - 1) * shift + window
+    if feats.shape[0] < need:
+        pad = np.zeros(SAMPLE_RATE // 100 * (need - feats.shape[0] + 2), dtype=np.float32)
+        feats = fbank(np.concatenate([samples, pad]))
+    return feats[:need]

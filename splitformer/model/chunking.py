@@ -16,7 +16,7 @@ sizes that would.
 """
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -134,6 +134,26 @@ def chunk_index(num_frames: int, chunk: int, device: torch.device) -> Tensor:
     return torch.arange(num_frames, device=device) // chunk
 
 
+def absent_attn_mask(attn_mask: Tensor, absent: Tensor, chunk: int) -> Tensor:
+    """(B, T, T): ``attn_mask`` and, for every query, the ``absent`` (B, T) frames of other chunks.
+
+    Per-chunk exits: a block that a chunk did not reach never computed that chunk, so no other chunk may read
+    it there. The chunk's own frames still see each other: their outputs at this block are never used by a
+    stream, and in training they keep a meaningful loss."""
+    c = chunk_index(absent.size(1), chunk, absent.device)
+    other = c.unsqueeze(0) != c.unsqueeze(1)  # (T, T): query t, key s in different chunks
+    return attn_mask.unsqueeze(0) | (absent.unsqueeze(1) & other.unsqueeze(0))
+
+
+def _per_chunk(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
+    """``fn`` applied to every chunk of (B, C, T) on its own (zeros beyond the chunk's edges)."""
+    b, c, t = x.shape
+    n = -(-t // chunk)
+    xp = nn.functional.pad(x, (0, n * chunk - t)) if n * chunk != t else x
+    y = fn(xp.reshape(b, c, n, chunk).permute(0, 2, 1, 3).reshape(b * n, c, chunk))
+    return y.reshape(b, n, c, chunk).permute(0, 2, 1, 3).reshape(b, c, n * chunk)[..., :t]
+
+
 class ChunkCausalDepthwiseConv1d(nn.Module):
     """Depthwise convolution over time that never reads past the end of the current chunk.
 
@@ -166,18 +186,21 @@ class ChunkCausalDepthwiseConv1d(nn.Module):
         f = left[:, torch.minimum(pos, far)] * right[:, torch.minimum(chunk - 1 - pos, far)]
         return f.to(dtype)
 
-    def forward(self, x: Tensor, chunk: int = FULL) -> Tensor:
-        """x: (B, C, T), padded frames already zero -> (B, C, T)."""
-        b, c, t = x.shape
-        causal = self.causal_conv(nn.functional.pad(x, (self.half, 0)))
+    def forward(self, x: Tensor, chunk: int = FULL, absent: Optional[Tensor] = None) -> Tensor:
+        """x: (B, C, T), padded frames already zero -> (B, C, T). ``absent``: (B, T) frames that other chunks
+        must read as zeros (chunks that stopped below this block; :func:`absent_attn_mask`)."""
         if chunk <= 0:
-            return causal + self.chunkwise_conv(x)
-        n = -(-t // chunk)
-        xp = nn.functional.pad(x, (0, n * chunk - t)) if n * chunk != t else x
-        xc = xp.reshape(b, c, n, chunk).permute(0, 2, 1, 3).reshape(b * n, c, chunk)
-        local = self.chunkwise_conv(xc) * self._edge_factors(chunk, x.dtype)
-        local = local.reshape(b, n, c, chunk).permute(0, 2, 1, 3).reshape(b, c, n * chunk)[..., :t]
-        return causal + local
+            return self._causal(x) + self.chunkwise_conv(x)
+        local = _per_chunk(lambda xc: self.chunkwise_conv(xc) * self._edge_factors(chunk, x.dtype), x, chunk)
+        if absent is None:
+            return self._causal(x) + local
+        # what the causal conv reads across chunk starts comes from the zeroed input, within a chunk from its own
+        xz = x.masked_fill(absent.unsqueeze(1), 0.0)
+        within = _per_chunk(self._causal, x, chunk) - _per_chunk(self._causal, xz, chunk)
+        return self._causal(xz) + within + local
+
+    def _causal(self, x: Tensor) -> Tensor:
+        return self.causal_conv(nn.functional.pad(x, (self.half, 0)))
 
     def streaming_forward(self, x: Tensor, cache: Tensor) -> Tuple[Tensor, Tensor]:
         """One chunk. x: (B, C, chunk), frames past the stream's end zero; cache: (B, C, kernel // 2), the

@@ -236,6 +236,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--left-context-frames", type=str, default="64,128,256,-1",
                    help="--causal: left contexts drawn per training batch, in the same frames (64 = 1.28 s with "
                         "conv2d, 2.56 s with conv1d); -1 = everything before the chunk")
+    g.add_argument("--chunk-exit-prob", type=float, default=0.0,
+                   help="--causal early-exit models: the share of chunked training batches in which every chunk stops "
+                        "at a random exit and the blocks above see it as absent, as streaming with per-chunk exits "
+                        "computes it (0: never)")
     # Decoder / joiner.
     g.add_argument("--decoder-dim", type=int, default=512)
     g.add_argument("--joiner-dim", type=int, default=512)
@@ -264,7 +268,7 @@ ARCH_KEYS: Tuple[str, ...] = (
 MODEL_KEYS: Tuple[str, ...] = ARCH_KEYS + (
     # the backbone's architecture is hf_config itself (resolved when the model is first built); hf_model may move
     "hf_model", "hf_weights", "hf_normalize", "hf_config", "freeze_feature_encoder",
-    "preset", "chunk_size", "left_context_frames", "dropout", "prune_range", "lm_scale", "am_scale", "simple_loss_scale", "ctc_loss_scale",
+    "preset", "chunk_size", "left_context_frames", "chunk_exit_prob", "dropout", "prune_range", "lm_scale", "am_scale", "simple_loss_scale", "ctc_loss_scale",
     "exit_loss_weights", "train_exits",
 )
 
@@ -435,19 +439,20 @@ def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
         encoder_unmasked_dim=_first(args.encoder_unmasked_dim),
         use_balancers=args.use_balancers,
         use_whiten=args.use_whiten,
-        **_causal_kwargs(args),
+        **_causal_kwargs(args, early_exit=True),
     )
     return enc, d_model
 
 
-def _causal_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+def _causal_kwargs(args: argparse.Namespace, early_exit: bool = False) -> Dict[str, Any]:
     """--causal and the chunk sizes training draws (checkpoints older than streaming have neither)."""
     from splitformer.model.chunking import parse_sizes
 
     if not getattr(args, "causal", False):
         return {}
+    extra = dict(chunk_exit_prob=float(getattr(args, "chunk_exit_prob", 0.0))) if early_exit else {}
     return dict(causal=True, chunk_size=parse_sizes(args.chunk_size, "chunk-size"),
-                left_context_frames=parse_sizes(args.left_context_frames, "left-context-frames"))
+                left_context_frames=parse_sizes(args.left_context_frames, "left-context-frames"), **extra)
 
 
 def build_model(args: argparse.Namespace, vocab_size: Optional[int] = None) -> AsrModel:

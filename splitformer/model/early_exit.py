@@ -8,13 +8,14 @@ or Zipformer2 layers, and guarantees that running to exit k never executes a lay
 Terminology: ``exits[i]`` is the layer count after which exit i sits; block i is the span of layers
 ``exits[i-1] < l <= exits[i]`` (with ``exits[-1] = 0``), the unit a Splitformer branch runs in parallel to.
 """
+import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from splitformer.model.chunking import FULL, CausalChunks, Chunking, chunk_attn_mask, chunk_index
+from splitformer.model.chunking import FULL, CausalChunks, Chunking, absent_attn_mask, chunk_attn_mask, chunk_index
 from splitformer.model.conformer import AbsolutePositionalEncoding, ConformerLayer, RelativePositionalEncoding
 from splitformer.model.scaling import limit_param_value
 
@@ -88,8 +89,10 @@ class ZipformerLayerAdapter(nn.Module):
         self.layer = layer
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, pos_emb: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, chunk: int = FULL) -> Tensor:
+                attn_mask: Optional[Tensor] = None, chunk: int = FULL, absent: Optional[Tensor] = None) -> Tensor:
         chunked = {} if attn_mask is None else dict(attn_mask=attn_mask, chunk=chunk)  # only a causal forward
+        if absent is not None:
+            chunked["absent"] = absent
         y = self.layer(x.transpose(0, 1), pos_emb, src_key_padding_mask=key_padding_mask, **chunked)
         return y.transpose(0, 1)
 
@@ -99,8 +102,8 @@ class StackContext:
     """What every layer of a stack at one rate reads besides its input: padding, chunk mask, positions.
 
     ``depth``: (B, T) the highest block each frame's chunk reaches (per-chunk exits); a block above it
-    treats the frame as absent (masked key, zero in the convolutions), as a stream whose chunk exited lower
-    never computed it there. None: every frame reaches every block.
+    treats the frame as absent for other chunks (masked key, zero in the convolutions), as a stream whose chunk
+    exited lower never computed it there. None: every frame reaches every block.
     """
 
     pad: Tensor
@@ -109,9 +112,16 @@ class StackContext:
     attn_mask: Optional[Tensor] = None
     depth: Optional[Tensor] = None
 
-    def key_mask(self, block: int) -> Tensor:
-        """(B, T) frames the layers of ``block`` may not read."""
-        return self.pad if self.depth is None else self.pad | (self.depth < block)
+    def absent(self, block: int) -> Optional[Tensor]:
+        """(B, T) frames of chunks that stopped below ``block`` (None without per-chunk exits)."""
+        return None if self.depth is None else self.depth < block
+
+    def block_attn_mask(self, block: int) -> Optional[Tensor]:
+        """The chunk mask of ``block``'s layers: (T, T), or (B, T, T) with the absent chunks blocked."""
+        absent = self.absent(block)
+        if absent is None:
+            return self.attn_mask
+        return absent_attn_mask(self.attn_mask, absent, self.chunking.chunk)
 
 
 class SplitBranch(nn.Module):
@@ -144,13 +154,17 @@ class SplitBranch(nn.Module):
         """``chunking``: as the block's stack sees it; ``absent``: (B, T) frames the block may not read."""
         y, y_lens = self.downsample(block_in, lens)
         mask = make_pad_mask(y_lens, y.size(1))
-        if absent is not None:  # chunks are whole groups of `factor` frames: a group's first frame speaks for it
-            mask = mask | absent[:, ::self.factor]
         pos_emb = pos_fn(y)
         low = chunking.at_rate(self.factor)
         attn_mask = chunk_attn_mask(y.size(1), low, y.device)
+        if absent is not None:  # chunks are whole groups of `factor` frames: a group's first frame speaks for it
+            absent = absent[:, ::self.factor]
+            attn_mask = absent_attn_mask(attn_mask, absent, low.chunk)
         for layer in self.layers:
-            y = layer(y, mask, pos_emb, attn_mask, low.chunk) if attn_mask is not None else layer(y, mask, pos_emb)
+            if attn_mask is None:
+                y = layer(y, mask, pos_emb)
+            else:
+                y = layer(y, mask, pos_emb, attn_mask, low.chunk, absent)
         return self.merge(y, block_out)
 
     def merge(self, y: Tensor, block_out: Tensor) -> Tensor:
@@ -209,6 +223,7 @@ class EarlyExitEncoder(nn.Module):
         causal: bool = False,
         chunk_size: Sequence[int] = (FULL,),
         left_context_frames: Sequence[int] = (FULL,),
+        chunk_exit_prob: float = 0.0,
     ) -> None:
         super().__init__()
         if layer_type not in LAYER_TYPES:
@@ -267,6 +282,9 @@ class EarlyExitEncoder(nn.Module):
         # a convolution reaches kernel // 2 frames back at its rate: the branches' are the longest
         self.chunks = CausalChunks(causal, chunk_size, left_context_frames, chunk_factor=factor,
                                    conv_context=cnn_module_kernel // 2 * factor)
+        if not 0.0 <= chunk_exit_prob <= 1.0:
+            raise ValueError(f"chunk_exit_prob must be in [0, 1], got {chunk_exit_prob}")
+        self.chunk_exit_prob = chunk_exit_prob
 
     @staticmethod
     def _make_layer(layer_type: str, hp: dict, skip_rate: Optional[float] = None) -> nn.Module:
@@ -348,6 +366,11 @@ class EarlyExitEncoder(nn.Module):
         """What every block of this (prepared) input shares: padding, positions, this forward's chunking."""
         chunking = self.chunks.current(self.training).at_rate(self.input_factor)
         depth = None
+        if chunk_exits is None and self.training and not chunking.full and self.chunk_exit_prob > 0.0 \
+                and random.random() < self.chunk_exit_prob:
+            # train for per-chunk exits: every chunk stops at a random exit, the blocks above see it absent
+            n = -(-x.size(1) // chunking.chunk)
+            chunk_exits = torch.randint(0, len(self.exits), (x.size(0), n), device=x.device)
         if chunk_exits is not None:
             if chunking.full:
                 raise ValueError("chunk_exits needs a chunked forward (chunks.set(chunk, left) on a causal model)")
@@ -360,15 +383,14 @@ class EarlyExitEncoder(nn.Module):
         """One block (the layers up to its exit, and its Splitformer branch): (state for the next block,
         this exit's normalised output). ``prepare`` and ``run_block`` let a deployment run one block at a time."""
         block_in = x
-        mask = ctx.key_mask(block)
+        attn_mask, absent = ctx.block_attn_mask(block), ctx.absent(block)
         for i in self.block_layers(block):
-            if ctx.attn_mask is None:
-                x = self.layers[i](x, mask, ctx.pos_emb)
+            if attn_mask is None:
+                x = self.layers[i](x, ctx.pad, ctx.pos_emb)
             else:
-                x = self.layers[i](x, mask, ctx.pos_emb, ctx.attn_mask, ctx.chunking.chunk)
+                x = self.layers[i](x, ctx.pad, ctx.pos_emb, attn_mask, ctx.chunking.chunk, absent)
         branch = self.branches[str(block)] if block in self.split_blocks else None
         if branch is not None:
-            absent = None if ctx.depth is None else ctx.depth < block
             x = branch(block_in, x, lens, self._pos_emb, ctx.chunking, absent)
         return x, self.exit_norms[block](x)
 

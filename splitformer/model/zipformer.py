@@ -330,11 +330,12 @@ class ConvolutionModule(nn.Module):
         x = self.balancer2(x).permute(2, 0, 1)  # (T, B, C)
         return self.out_proj(self.whiten(x))
 
-    def forward(self, x: Tensor, src_key_padding_mask: Optional[Tensor] = None, chunk: int = FULL) -> Tensor:
-        """x: (T, B, C); src_key_padding_mask: (B, T), True on padding (and on frames this layer must not
-        read); chunk: the causal convolution's chunk size (ignored by a non-causal module)."""
+    def forward(self, x: Tensor, src_key_padding_mask: Optional[Tensor] = None, chunk: int = FULL,
+                absent: Optional[Tensor] = None) -> Tensor:
+        """x: (T, B, C); src_key_padding_mask: (B, T), True on padding; chunk: the causal convolution's chunk
+        size (ignored by a non-causal module); absent: (B, T) frames that other chunks read as zeros."""
         x = self._gated(x, src_key_padding_mask)
-        x = self.depthwise_conv(x, chunk) if self.causal else self.depthwise_conv(x)
+        x = self.depthwise_conv(x, chunk, absent) if self.causal else self.depthwise_conv(x)
         return self._output(x)
 
     def streaming_forward(self, x: Tensor, cache: Tensor, src_key_padding_mask: Optional[Tensor] = None
@@ -442,7 +443,9 @@ class Zipformer2EncoderLayer(nn.Module):
         self.whiten = maybe(use_whiten, lambda: Whiten(whitening_limit=4.0, prob=0.1, grad_scale=0.01))
 
     def forward(self, src: Tensor, pos_emb: Tensor, src_key_padding_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, chunk: int = FULL) -> Tensor:
+                attn_mask: Optional[Tensor] = None, chunk: int = FULL, absent: Optional[Tensor] = None) -> Tensor:
+        """``attn_mask``: (T, T), or (B, T, T) with per-chunk exits; ``absent``: (B, T) frames of chunks that did
+        not reach this layer (other chunks read them as zeros in the convolutions)."""
         training = self.training
         src_orig = src
         attn_weights = self.self_attn_weights(src, pos_emb=pos_emb, key_padding_mask=src_key_padding_mask,
@@ -458,14 +461,14 @@ class Zipformer2EncoderLayer(nn.Module):
         src = src + _apply(attn_drop, self.nonlin_attention(src, head0))
         src = src + _apply(attn_drop, self.self_attn1(src, attn_weights))
         src = src + _apply(_sequence_mask(src, float(self.conv_skip_rate), training),
-                           self.conv_module1(src, src_key_padding_mask, chunk))
+                           self.conv_module1(src, src_key_padding_mask, chunk, absent))
         src = src + _apply(_sequence_mask(src, float(self.ff2_skip_rate), training), self.feed_forward2(src))
 
         src = self.bypass_mid(src_orig, src)
 
         src = src + _apply(attn_drop, self.self_attn2(src, attn_weights))
         src = src + _apply(_sequence_mask(src, float(self.conv_skip_rate), training),
-                           self.conv_module2(src, src_key_padding_mask, chunk))
+                           self.conv_module2(src, src_key_padding_mask, chunk, absent))
         src = src + _apply(_sequence_mask(src, float(self.ff3_skip_rate), training), self.feed_forward3(src))
 
         src = self.norm(self.balancer1(src))
