@@ -72,7 +72,6 @@ esac
 cores=$(nproc 2>/dev/null || echo 1)
 jobs=${jobs:-$(( cores >= 2 ? 2 : 1 ))}
 [ "$jobs" -ge 1 ] || { echo "run.sh: --jobs must be >= 1" >&2; exit 2; }
-threads=$(( cores / jobs )); [ "$threads" -ge 1 ] || threads=1
 num_epochs=${num_epochs:-$def_epochs}
 avg=${avg:-$def_avg}
 max_duration=${max_duration:-$def_max_duration}
@@ -92,6 +91,8 @@ for m in "${model_list[@]}"; do
   done
 done
 n_runs=${#runs[@]}
+[ "$jobs" -le "$n_runs" ] || jobs=$n_runs
+threads=$(( cores / jobs )); [ "$threads" -ge 1 ] || threads=1
 total_epochs=$((n_runs * num_epochs))
 epochs_done=0
 train_seconds=0

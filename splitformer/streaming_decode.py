@@ -200,7 +200,8 @@ def choose_threshold(model, tokenizer, args: argparse.Namespace):
     except ValueError as e:
         raise DecodeSetupError(f"--exit-budget-macs on {args.budget_set}: {e}") from None
     info = dict(budget_kind="macs", budget=args.exit_budget_macs, budget_set=args.budget_set, dev_wer=best["wer"],
-                dev_cost=best["cost"], candidates=rows)
+                dev_cost=best["cost"],
+                candidates=[dict(r, threshold=None if math.isinf(r["threshold"]) else r["threshold"]) for r in rows])
     logging.info(f"budget {args.exit_budget_macs:.6g} MACs/s: threshold {best['threshold']:.6g} "
                  f"({best['wer']:.2f}% at {fmt_macs(best['cost'])} on {args.budget_set})")
     return best["threshold"], info

@@ -150,27 +150,26 @@ def test_absent_frames_are_zeros_to_other_chunks_but_not_to_their_own():
 
 
 def test_training_with_per_chunk_exits_masks_random_chunks():
-    """--chunk-exit-prob: chunked training batches in which chunks stop at random exits; the upper exits change
-    (absent chunks in their context), the first exit cannot, and the loss trains."""
-    import random
-
+    """--chunk-exit-prob: in a chunked training batch every chunk stops at a random exit (one depth per chunk,
+    every exit drawn); never at evaluation; and a batch trains through it."""
     torch.manual_seed(0)
     model = build_model(default_model_args(**dict(SPLIT, chunk_exit_prob=1.0, chunk_size="8",
                                                   left_context_frames="32")), 30)
-    model.train()
-    for m in model.modules():  # no dropout, so that two forwards differ only by the drawn exits
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    enc = model.encoder
     feats, lens = torch.randn(2, 300, 80), torch.tensor([300, 250])
-    random.seed(0)
-    torch.manual_seed(1)
-    a = model.encode_exits(feats, lens)
-    model.encoder.chunk_exit_prob = 0.0
-    random.seed(0)
-    torch.manual_seed(1)
-    b = model.encode_exits(feats, lens)
-    assert torch.equal(a[0][1], b[0][1]) and not torch.allclose(a[-1][1], b[-1][1])
-    model.encoder.chunk_exit_prob = 1.0
+    x, x_lens = enc.prepare(*model.encoder_embed(feats, lens))
+    model.train()
+    depth = enc.block_context(x, x_lens).depth
+    assert depth is not None and depth.shape == x.shape[:2]
+    chunks = depth[:, : depth.shape[1] // 8 * 8].reshape(2, -1, 8)
+    assert torch.equal(chunks, chunks[..., :1].expand_as(chunks))  # one exit per chunk
+    assert set(depth.unique().tolist()) == {0, 1, 2}
+    enc.chunk_exit_prob = 0.0
+    assert enc.block_context(x, x_lens).depth is None
+    enc.chunk_exit_prob = 1.0
+    model.eval()
+    assert enc.block_context(x, x_lens).depth is None
+    model.train()
     out = model(feats, lens, [[3, 4, 5], [6, 7]])
     loss = sum(v["simple"] + v["pruned"] + v["ctc"] for v in out.values())
     loss.backward()
