@@ -31,7 +31,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import torch
 
 from splitformer.decoding.cli import (add_checkpoint_arguments, add_chunk_arguments, add_data_arguments,
-                                      add_exit_arguments, add_search_arguments)
+                                      add_exit_arguments, add_search_arguments, run_main)
 from splitformer.decoding.exits import SCORED, parse_threshold, pick_under_budget, simulate, sweep_thresholds
 from splitformer.decoding.loading import (DecodeSetupError, apply_chunking, load_model, load_tokenizer, test_loader,
                                          test_sets)
@@ -51,15 +51,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    try:
-        return _run(args)
-    except DecodeSetupError as e:
-        print(f"decode.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("decode.py", get_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

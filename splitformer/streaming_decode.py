@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,8 +30,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import torch
 
 from splitformer.decoding.cli import (add_checkpoint_arguments, add_chunk_arguments, add_data_arguments,
-                                      add_exit_arguments, add_search_arguments)
-from splitformer.decoding.exits import SCORED, parse_threshold, pick_under_budget
+                                      add_exit_arguments, add_search_arguments, run_main)
+from splitformer.decoding.exits import parse_threshold, pick_under_budget
 from splitformer.decoding.loading import (DecodeSetupError, apply_chunking, load_model, load_tokenizer, test_cuts,
                                          test_sets)
 from splitformer.decoding.results import fmt_macs, run_tag, update_results_json, word_error_rate, write_run
@@ -57,15 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    try:
-        return _run(args)
-    except DecodeSetupError as e:
-        print(f"streaming_decode.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("streaming_decode.py", get_parser(), _run, argv)
 
 
 def _rule(model, args: argparse.Namespace, threshold: float) -> ChunkExitRule:

@@ -28,6 +28,31 @@ VOCAB_SIZE = 30
 _cache: Dict[Path, Path] = {}
 
 
+def recipe_args() -> List[str]:
+    """run.sh's AN4 training settings and its short schedule's --max-duration (read from run.sh, so that the
+    tests follow the recipe)."""
+    import re
+    import shlex
+
+    text = (REPO / "run.sh").read_text()
+    args = shlex.split(re.search(r'^an4_train_args="([^"]*)"', text, re.M).group(1))
+    max_duration = re.search(r"short\) def_epochs=\d+; def_avg=\d+; def_max_duration=(\d+)", text).group(1)
+    return args + ["--max-duration", max_duration]
+
+
+def train_with_recipe(exp: Path, data: Path, model_args: List[str], epochs: int, timeout: int = 600) -> Path:
+    """train.py with run.sh's recipe on prepared AN4 ``data`` (see :func:`prepared_an4`), into ``exp``."""
+    import sys
+
+    cmd = [sys.executable, str(REPO / "splitformer" / "train.py"), *model_args, *recipe_args(),
+           "--num-epochs", str(epochs), "--exp-dir", str(exp), "--manifest-dir", str(data / "fbank"),
+           "--bpe-model", str(data / f"lang_bpe_{VOCAB_SIZE}" / "bpe.model"), "--num-workers", "0",
+           "--progress-bar", "false", "--tensorboard", "false"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return exp
+
+
 class Utterance(NamedTuple):
     id: str  # e.g. an251-fash-b
     path: Path  # its .sph file

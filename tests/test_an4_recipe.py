@@ -9,7 +9,6 @@ greedy transcripts that are far from all blank (WER under PLATEAU_WER).
 """
 import json
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from an4_fixture import prepared_an4
+from an4_fixture import prepared_an4, train_with_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # The plateau: dev loss per frame at the top exit of ee-zipformer-cpu with the old recipe was 0.92 (epoch
@@ -31,14 +30,6 @@ SMALL = ["--preset", "ee-zipformer-cpu", "--num-encoder-layers", "4", "--exit-la
          "--encoder-dim", "64", "--encoder-unmasked-dim", "64", "--feedforward-dim", "128"]
 
 
-def recipe_args() -> list:
-    """run.sh's AN4 training settings and its short schedule's --max-duration."""
-    text = (REPO / "run.sh").read_text()
-    args = shlex.split(re.search(r'^an4_train_args="([^"]*)"', text, re.M).group(1))
-    max_duration = re.search(r"short\) def_epochs=\d+; def_avg=\d+; def_max_duration=(\d+)", text).group(1)
-    return args + ["--max-duration", max_duration]
-
-
 @pytest.fixture(scope="module")
 def an4_data(an4_dir, tmp_path_factory) -> Path:
     return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
@@ -47,14 +38,7 @@ def an4_data(an4_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def recipe_exp(an4_data, tmp_path_factory) -> Path:
     """train.py with run.sh's settings on the small model, once for this module's tests."""
-    exp = tmp_path_factory.mktemp("recipe") / "exp"
-    cmd = [sys.executable, str(REPO / "splitformer" / "train.py"), *SMALL, *recipe_args(),
-           "--num-epochs", str(EPOCHS), "--exp-dir", str(exp), "--manifest-dir", str(an4_data / "fbank"),
-           "--bpe-model", str(an4_data / "lang_bpe_30" / "bpe.model"), "--num-workers", "0",
-           "--progress-bar", "false", "--tensorboard", "false"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return exp
+    return train_with_recipe(tmp_path_factory.mktemp("recipe") / "exp", an4_data, SMALL, EPOCHS, timeout=400)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from an4_fixture import prepared_an4
-from test_an4_recipe import recipe_args
+from an4_fixture import prepared_an4, train_with_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
@@ -30,14 +29,7 @@ def an4_data(an4_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def causal_exp(an4_data, tmp_path_factory) -> Path:
-    exp = tmp_path_factory.mktemp("causal") / "exp"
-    cmd = [sys.executable, str(REPO / "splitformer" / "train.py"), *SMALL, *recipe_args(),
-           "--num-epochs", str(EPOCHS), "--exp-dir", str(exp), "--manifest-dir", str(an4_data / "fbank"),
-           "--bpe-model", str(an4_data / "lang_bpe_30" / "bpe.model"), "--num-workers", "0",
-           "--progress-bar", "false", "--tensorboard", "false", "--num-threads", "2"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return exp
+    return train_with_recipe(tmp_path_factory.mktemp("causal") / "exp", an4_data, SMALL + ["--num-threads", "2"], EPOCHS)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,10 @@
 """Command-line flags that decode.py and streaming_decode.py share (icefall's names), and the checks on them
 that do not need the model."""
 import argparse
+import logging
+import sys
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 from splitformer.decoding.exits import SCORERS, STRATEGIES
 from splitformer.decoding.search import METHODS
@@ -69,3 +72,22 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio per batch")
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, set up logging and threads, run ``body``; a ``DecodeSetupError`` (something the user must fix) is
+    printed as ``<prog>: error: ...`` with exit status 2."""
+    import torch
+
+    from splitformer.decoding.loading import DecodeSetupError
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return body(args)
+    except DecodeSetupError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

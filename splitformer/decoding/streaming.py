@@ -18,7 +18,6 @@ chunk took: the decoder and joiner are shared by all exits, each exit projects i
 Costs: every stream counts the MACs it spent, from the per-chunk costs of :func:`chunk_costs`: the front end,
 each block it ran, and the criterion at each exit where it was scored (the last exit is never scored).
 """
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -27,10 +26,9 @@ import torch
 from torch import Tensor
 
 from splitformer.decoding.exits import SCORED, SCORERS, _share_of_best, exit_score, stops, thresholds_between
-from splitformer.decoding.search import (CTC_METHODS, METHODS, CTC_START, CtcGreedyState, GreedyState, Hyp, beam_nbest,
-                                         beam_start, ctc_greedy_continue, ctc_prefix_beam_continue,
-                                         ctc_prefix_beam_nbest, greedy_continue, greedy_start, modified_beam_continue,
-                                         modified_beam_nbest, prefix_nbest)
+from splitformer.decoding.search import (CTC_METHODS, CTC_START, METHODS, CtcGreedyState, GreedyState, Hyp, beam_nbest,
+                                         beam_start, ctc_greedy_continue, ctc_prefix_beam_continue, greedy_continue,
+                                         greedy_start, modified_beam_continue, prefix_nbest)
 from splitformer.model.streaming import StreamingEncoder, StreamState
 
 

@@ -16,7 +16,6 @@ See splitformer/export/ for the exact inputs, outputs and metadata of each file.
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 

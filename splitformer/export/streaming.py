@@ -31,12 +31,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from splitformer.export.common import (MODEL_AUTHOR, ExportError, add_metadata, architecture_name, common_metadata,
-                                       export_onnx, max_abs_diff, ort_session)
+from splitformer.export.common import ExportError, add_metadata, architecture_name, common_metadata, export_onnx
 from splitformer.model.asr_model import AsrModel
 from splitformer.model.streaming import StreamingEncoder
 

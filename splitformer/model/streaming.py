@@ -144,10 +144,9 @@ class StreamingEncoder:
         """A one-exit (Zipformer2) encoder: the chunk's output (B, out_frames, D) and lengths; the state
         moves on by one chunk."""
         enc = self.model.encoder
-        states, k = [], 0
-        for stack, part in zip(enc.encoders, state.parts):
-            n = len(stack.encoder.layers) if hasattr(stack, "encoder") else len(stack.layers)
-            states.append([layer_layout(part[6 * i: 6 * i + 6]) for i in range(n)])
+        states = []
+        for part in state.parts:
+            states.append([layer_layout(part[i: i + 6]) for i in range(0, len(part), 6)])
         out, out_lens, new = enc.streaming_forward(h, lens, states, state.processed)
         state.parts = [[c for layer in stack for c in batch_first(layer)] for stack in new]
         self._advance(state)
