@@ -193,8 +193,9 @@ class ChunkCosts:
         return self.front + sum(self.blocks[: block + 1])
 
     def dynamic(self, block: int) -> float:
-        """A chunk that climbed to ``block``, scored at every exit below it."""
-        return self.fixed(block) + sum(self.scorer[:block])
+        """A chunk that climbed to ``block`` and stopped there: scored at every exit up to it (the last exit
+        is never scored, its criterion costs 0)."""
+        return self.fixed(block) + sum(self.scorer[: block + 1])
 
 
 @torch.no_grad()
@@ -384,7 +385,7 @@ class StreamingDecoder:
             enc_time += time.perf_counter() - t1
             key = self.exits[-1] if self.all else 0
             self._search(live, range(len(live)), self.exits[-1], out, out_lens, key)
-            self._record(live, range(len(live)), 0, scored=0)
+            self._record(live, range(len(live)), 0)
         else:
             enc_time += self._climb(live, state, h, lens)
             self.enc.finish_chunk(state)
@@ -423,11 +424,11 @@ class StreamingDecoder:
                         live[i].scores[-1].append(v)
                 self._search(live, members, e, out, x_lens, key=e)
                 if b == self.top:
-                    self._record(live, members, b, scored=0)
+                    self._record(live, members, b)
                 continue
             if b == self.top:  # a fixed exit, or the top of a dynamic climb
                 self._search(live, members, e, out, x_lens)
-                self._record(live, members, b, scored=b if self.rule is not None else 0)
+                self._record(live, members, b)
                 break
             if self.rule is None:
                 continue
@@ -444,7 +445,7 @@ class StreamingDecoder:
                 new = self.search.step(self.search.head(e, out[rows]), x_lens[rows], [states[r] for r in rows.tolist()])
             for i, st in zip(done, new):
                 live[i].searches[0] = st
-            self._record(live, done, b, scored=b + 1)
+            self._record(live, done, b)
             keep = (~stop).nonzero().flatten()
             climbing = climbing[keep]
             x, x_lens = x[keep], x_lens[keep]
@@ -460,13 +461,14 @@ class StreamingDecoder:
         self.enc.skip(block, sub)
         _assign_part(state, block, idx, sub)
 
-    def _record(self, live: Sequence[_Live], members: Sequence[int], block: int, scored: int) -> None:
-        """The chunk of these streams stopped at ``block`` after the criterion ran at ``scored`` exits."""
+    def _record(self, live: Sequence[_Live], members: Sequence[int], block: int) -> None:
+        """The chunk of these streams stopped at ``block`` (scored on the way when an exit rule climbs)."""
+        cost = 0.0
+        if self.costs is not None:
+            cost = self.costs.dynamic(block) if self.rule is not None and not self.all else self.costs.fixed(block)
         for i in members:
             live[i].chunk_exits.append(self.exits[block] if self.enc.early_exit else self.exits[-1])
-            if self.costs is not None:
-                c = self.costs
-                live[i].macs += c.fixed(block) + sum(c.scorer[:scored])
+            live[i].macs += cost
 
     def _search(self, live: Sequence[_Live], members: Sequence[int], exit_layer: int, out: Tensor,
                 lens: Tensor, key: int = 0) -> None:
