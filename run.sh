@@ -93,20 +93,9 @@ done
 n_runs=${#runs[@]}
 [ "$jobs" -le "$n_runs" ] || jobs=$n_runs
 threads=$(( cores / jobs )); [ "$threads" -ge 1 ] || threads=1
-total_epochs=$((n_runs * num_epochs))
-epochs_done=0
-train_seconds=0
 
 hms() { printf '%dh%02dm%02ds' $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
-progress() {
-  # Elapsed time, and the time left extrapolated from the epochs trained so far.
-  local now elapsed left="unknown"
-  now=$(date +%s); elapsed=$((now - start))
-  if [ "$epochs_done" -gt 0 ]; then
-    left=$(hms $(( train_seconds * (total_epochs - epochs_done) / epochs_done + n_runs * 60 )))
-  fi
-  echo "==== [run.sh] $* | elapsed $(hms $elapsed) | estimated time left: $left"
-}
+progress() { echo "==== [run.sh] $* | elapsed $(hms $(( $(date +%s) - start )))"; }
 
 if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
   progress "stage 0: prepare AN4"
@@ -135,8 +124,41 @@ train_one() {  # preset seed dir: one run, its log in <dir>/log/train-stdout.txt
   fi
 }
 
-if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
-  # longest first, at most $jobs at a time
+decode_one() {  # preset seed dir: every exit of every test set, and with --streaming a causal model as a stream
+  local m=$1 s=$2 d=$3
+  progress "stage 2: decode every exit of $m, seed $s"
+  ./splitformer/decode.py --exp-dir "$d" --epoch "$num_epochs" --avg "$avg" --num-threads "$threads" \
+    --use-averaged-model --exit-layer all --decoding-method "$decoding_method" --max-duration 200 \
+    --test-sets "$test_sets" || return 1
+  if [ "$streaming" = true ] && [[ "$m" == *-causal ]]; then
+    # 320 and 640 ms chunks (8 and 16 frames of 40 ms) with 2.56 and 5.12 s of left context, as icefall
+    # decodes its 320/640 ms models; then per-chunk exits at half the last exit's compute, the threshold of
+    # each criterion chosen on dev
+    local ckpt=(--exp-dir "$d" --epoch "$num_epochs" --avg "$avg" --use-averaged-model --num-threads "$threads"
+                --decoding-method "$decoding_method")
+    local c l strategy scorer
+    for cl in "8 64" "16 128"; do
+      read -r c l <<< "$cl"
+      progress "stage 2: stream $m in chunks of $c frames"
+      ./splitformer/streaming_decode.py "${ckpt[@]}" --exit-layer all --chunk-size "$c" --left-context-frames "$l" \
+        --test-sets dev,test || return 1
+    done
+    for crit in "confidence ctc" "confidence transducer" "entropy transducer"; do
+      read -r strategy scorer <<< "$crit"
+      progress "stage 2: stream $m with per-chunk exits ($strategy, $scorer) at half the compute"
+      ./splitformer/streaming_decode.py "${ckpt[@]}" --chunk-size 8 --left-context-frames 64 --test-sets test \
+        --exit-strategy "$strategy" --exit-scorer "$scorer" --exit-budget-fraction 0.5 || return 1
+    done
+  fi
+}
+
+do_train=false; do_decode=false
+[ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ] && do_train=true
+[ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ] && do_decode=true
+
+if [ "$do_train" = true ]; then
+  # longest first, at most $jobs at a time; a model is decoded (stage 2) in its own lane as soon as it is trained,
+  # while the other lanes go on training
   mapfile -t ordered < <(for r in "${runs[@]}"; do read -r m _ _ <<< "$r"; echo "$(train_weight "$m") $r"; done \
                          | sort -k1,1nr | cut -d' ' -f2-)
   running=0
@@ -148,43 +170,19 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
     done
     read -r m s d <<< "$r"
     progress "stage 1: train $m, seed $s ($num_epochs epochs, $threads thread(s), $jobs at a time) in $d"
-    train_one "$m" "$s" "$d" &
+    { train_one "$m" "$s" "$d" && { [ "$do_decode" = false ] || decode_one "$m" "$s" "$d"; }; } &
     running=$((running + 1))
   done
   while [ "$running" -gt 0 ]; do
     wait -n || failed=1
     running=$((running - 1))
   done
-  [ "$failed" = 0 ] || { echo "run.sh: a training run failed (see above)" >&2; exit 1; }
-  train_seconds=$(( $(date +%s) - start ))
-  epochs_done=$total_epochs
-fi
-
-if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  [ "$failed" = 0 ] || { echo "run.sh: a training or decoding run failed (see above)" >&2; exit 1; }
+elif [ "$do_decode" = true ]; then
+  threads=$cores
   for r in "${runs[@]}"; do
     read -r m s d <<< "$r"
-    progress "stage 2: decode every exit of $m, seed $s"
-    ./splitformer/decode.py --exp-dir "$d" --epoch "$num_epochs" --avg "$avg" \
-      --use-averaged-model --exit-layer all --decoding-method "$decoding_method" --max-duration 200 \
-      --test-sets "$test_sets"
-    if [ "$streaming" = true ] && [[ "$m" == *-causal ]]; then
-      # 320 and 640 ms chunks (8 and 16 frames of 40 ms) with 2.56 and 5.12 s of left context, as icefall
-      # decodes its 320/640 ms models; then per-chunk exits at half the last exit's compute, the threshold of
-      # each criterion chosen on dev
-      ckpt=(--exp-dir "$d" --epoch "$num_epochs" --avg "$avg" --use-averaged-model --decoding-method "$decoding_method")
-      for cl in "8 64" "16 128"; do
-        read -r c l <<< "$cl"
-        progress "stage 2: stream $m in chunks of $c frames"
-        ./splitformer/streaming_decode.py "${ckpt[@]}" --exit-layer all --chunk-size "$c" --left-context-frames "$l" \
-          --test-sets dev,test
-      done
-      for crit in "confidence ctc" "confidence transducer" "entropy transducer"; do
-        read -r strategy scorer <<< "$crit"
-        progress "stage 2: stream $m with per-chunk exits ($strategy, $scorer) at half the compute"
-        ./splitformer/streaming_decode.py "${ckpt[@]}" --chunk-size 8 --left-context-frames 64 --test-sets test \
-          --exit-strategy "$strategy" --exit-scorer "$scorer" --exit-budget-fraction 0.5
-      done
-    fi
+    decode_one "$m" "$s" "$d" || exit 1
   done
 fi
 

@@ -139,6 +139,41 @@ def decode_all_exits(
 
 
 @torch.no_grad()
+def greedy_every_exit(model, loader, tokenizer, device: torch.device) -> Dict[int, List[Result]]:
+    """Greedy results at every exit (the words of :func:`decode_all_exits`, without its per-exit timing)."""
+    out: Dict[int, List[Result]] = {e: [] for e in model.exits}
+    for batch in loader:
+        feats, lens, ids, refs, _ = batch_parts(batch, device)
+        for e, words in greedy_exit_words(model, model.encode_exits(feats, lens), tokenizer).items():
+            out[e].extend(zip(ids, refs, words))
+    return out
+
+
+@torch.no_grad()
+def greedy_exit_words(model, exits: Sequence[Tuple[int, torch.Tensor, torch.Tensor]], tokenizer
+                      ) -> Dict[int, List[List[str]]]:
+    """Greedy words of every exit output ``(exit layer, out, lens)`` already computed (training reuses its dev
+    loss pass). Exits of one shape (every exit of an early-exit stack) are searched as one batch, so that the
+    search's loop over frames runs once, not once per exit."""
+    from splitformer.decoding.search import ctc_greedy_search, greedy_search
+    from splitformer.model.asr_model import stack_groups
+
+    out: Dict[int, List[List[str]]] = {}
+    wide = (torch.float32, torch.float64)  # an autocast pass's half-precision outputs are searched in float32
+    for group in stack_groups([(e, o if o.dtype in wide else o.float(), l) for e, o, l in exits]):
+        b = group[0][1].size(0)
+        lens = group[0][2].repeat(len(group))
+        if model.use_transducer:
+            hyps = greedy_search(model, torch.cat([model.project_encoder(o, e) for e, o, _ in group]), lens)
+        else:
+            hyps = ctc_greedy_search(torch.cat([model.ctc_log_probs(o, e) for e, o, _ in group]), lens, model.blank_id)
+        words = _words(tokenizer, hyps)
+        for k, (e, _, _) in enumerate(group):
+            out[e] = words[k * b:(k + 1) * b]
+    return out
+
+
+@torch.no_grad()
 def decode_dynamic(
     model, loader, tokenizer, strategy: str, threshold: float, method: str, beam: int, device: torch.device,
     desc: Optional[str] = "dynamic exits", nbest: int = 4, scorer: Optional[str] = None,

@@ -91,38 +91,32 @@ def greedy_continue(
     """Greedy search over (B, T, J) more frames from ``states``: the new states and the path's (B, T, V)
     log-posteriors (zeros past an utterance's length)."""
     B, T, _ = enc_proj.shape
-    silent = _silent_tokens(model)
     device = enc_proj.device
-    contexts = [list(s.context) for s in states]
+    silent = torch.tensor(sorted(_silent_tokens(model)), device=device)
     tokens: List[List[int]] = [list(s.tokens) for s in states]
     scores = torch.tensor([s.log_prob for s in states], dtype=torch.float64)
-    dec = _decoder_proj(model, contexts, device) if B else None  # (B, J)
-    lens = enc_lens.tolist()
-    path: Optional[torch.Tensor] = None
-    for t in range(T):
-        active = [b for b in range(B) if t < lens[b]]
-        if not active:
-            break
-        idx = torch.tensor(active, device=device)
+    path = torch.zeros(B, T, model.vocab_size, device=device)
+    if B == 0:
+        return [], path
+    contexts = torch.tensor([list(s.context) for s in states], dtype=torch.int64, device=device)  # (B, cs)
+    dec = model.project_decoder(model.decoder(contexts, need_pad=False)).squeeze(1)  # (B, J)
+    lens = enc_lens.to(device)
+    for t in range(min(T, int(lens.max()))):
+        idx = (lens > t).nonzero().flatten()
         logits = model.joiner(enc_proj[idx, t], dec[idx])  # (A, V)
         logp = logits.float().log_softmax(-1)
-        if path is None:
-            path = torch.zeros(B, T, logp.size(-1), dtype=logp.dtype, device=device)
-        path[idx, t] = logp
+        path[idx, t] = logp.to(path.dtype)
         best_lp, best = logp.max(-1)
         scores[idx.cpu()] += best_lp.double().cpu()
-        emitted = []
-        for row, b in enumerate(active):
-            k = int(best[row])
-            if k not in silent:
-                tokens[b].append(k)
-                contexts[b] = contexts[b][1:] + [k]
-                emitted.append(b)
-        if emitted:
-            dec[emitted] = _decoder_proj(model, [contexts[b] for b in emitted], device)
-    if path is None:
-        path = torch.zeros(B, T, model.vocab_size, device=device)
-    return [GreedyState(tuple(tokens[b]), tuple(contexts[b]), float(scores[b])) for b in range(B)], path
+        emit = ~torch.isin(best, silent)
+        if bool(emit.any()):  # most frames emit nothing: the Python work is per emitted token
+            rows, toks = idx[emit], best[emit]
+            contexts[rows] = torch.cat([contexts[rows, 1:], toks.unsqueeze(1)], dim=1)
+            dec[rows] = model.project_decoder(model.decoder(contexts[rows], need_pad=False)).squeeze(1)
+            for r, k in zip(rows.tolist(), toks.tolist()):
+                tokens[r].append(k)
+    ctx = contexts.tolist()
+    return [GreedyState(tuple(tokens[b]), tuple(ctx[b]), float(scores[b])) for b in range(B)], path
 
 
 @torch.no_grad()

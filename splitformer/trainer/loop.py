@@ -184,16 +184,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     def compute_loss(self, model: nn.Module, batch: Dict[str, Any], exits: List[int],
-                     weights: Dict[int, float], final_scales: bool = False):
+                     weights: Dict[int, float], final_scales: bool = False, outputs: Optional[list] = None):
         """Loss of a batch; ``final_scales`` uses the loss weights of after the warm-up (validation),
-        so that losses of different epochs are comparable."""
+        so that losses of different epochs are comparable. ``outputs``: a list that receives the encoder's
+        exit outputs (validation decodes them too)."""
         feats = batch["inputs"].to(self.device, dtype=self.dtype, non_blocking=True)
         sup = batch["supervisions"]
         feat_lens = input_lens(sup).to(self.device)
         y = self.tokenizer.encode(list(sup["text"]))
         with self.autocast():
-            out = model(feats, feat_lens, y, prune_range=self.args.prune_range, am_scale=self.args.am_scale,
-                        lm_scale=self.args.lm_scale, exit_layers=self.exit_layers)
+            if outputs is None:
+                out = model(feats, feat_lens, y, prune_range=self.args.prune_range, am_scale=self.args.am_scale,
+                            lm_scale=self.args.lm_scale, exit_layers=self.exit_layers)
+            else:  # what AsrModel.forward does, keeping the encoder outputs
+                outputs.extend(model.encode_exits(feats, feat_lens, max_exit=max(self.exit_layers or model.exits)))
+                out = model.losses_from_exits(outputs, y, prune_range=self.args.prune_range,
+                                              am_scale=self.args.am_scale, lm_scale=self.args.lm_scale,
+                                              exit_layers=self.exit_layers)
         step = self.args.warm_step if final_scales else self.batch_idx_train
         s_simple, s_pruned = warmup_scales(step, self.args.warm_step, self.args.simple_loss_scale)
         loss, info = combine_losses(out, weights, s_simple, s_pruned, self.args.ctc_loss_scale)
@@ -388,26 +395,31 @@ class Trainer:
         """Dev losses (with the final loss weights) and, with --valid-wer, greedy dev WER at every exit.
 
         The WER (exit layer -> %) is computed on rank 0 only; other ranks get an empty dict."""
+        from splitformer.decoding.results import word_error_rate
+        from splitformer.decoding.runner import greedy_exit_words
+
         model = unwrap(self.model)
         model.eval()
         tot = Metrics()
+        # greedy WER at every trained exit (what tells a blank plateau from learning), on rank 0, read from the
+        # encoder outputs of the loss pass
+        want_wer = self.args.valid_wer and self.ctx.is_main
+        results: Dict[int, list] = {e: [] for e in self.trained_exits}
         for batch in self.valid_dl:
-            _, info = self.compute_loss(model, batch, self.trained_exits, self.weights, final_scales=True)
+            outs: list = []
+            _, info = self.compute_loss(model, batch, self.trained_exits, self.weights, final_scales=True,
+                                        outputs=outs if want_wer else None)
             tot.add(info)
-        wer = self.valid_wer(model) if self.args.valid_wer and self.ctx.is_main else {}
+            if want_wer:
+                sup = batch["supervisions"]
+                refs = [t.split() for t in sup["text"]]
+                ids = [c.id for c in sup["cut"]]
+                for e, words in greedy_exit_words(model, outs, self.tokenizer).items():
+                    if e in results:
+                        results[e].extend(zip(ids, refs, words))
         self.set_train_mode()
+        wer = {e: word_error_rate(r)[0] for e, r in results.items()} if want_wer else {}
         return tot.all_reduce(self.device), wer
-
-    def valid_wer(self, model: nn.Module) -> Dict[int, float]:
-        """Greedy WER (%) on the dev set at every exit: the measure that tells a blank plateau from learning."""
-        from splitformer.decoding.results import word_error_rate
-        from splitformer.decoding.runner import decode_all_exits
-
-        method = "greedy_search" if model.use_transducer else "ctc_greedy_search"
-        batches = ({**b, "inputs": b["inputs"].to(self.dtype)} for b in self.valid_dl)  # float64 under --debug-float64
-        runs, _ = decode_all_exits(model, batches, self.tokenizer, method, beam=1, device=self.device, strategies=(),
-                                   desc="dev WER" if self.args.progress_bar else None)
-        return {e: word_error_rate(r.results)[0] for e, r in runs.items() if e in self.trained_exits}
 
     # ------------------------------------------------------------------ logging
     def _log_train(self, epoch: int, batch_idx_epoch: int, info: Dict[str, float], lr: float) -> None:
