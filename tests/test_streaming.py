@@ -348,3 +348,39 @@ def test_silence_and_short_streams_decode_without_error():
     res = StreamingDecoder(model, chunk, left, exit_layer="all").decode(utts)
     assert [r.cut_id for r in res] == [u.cut_id for u in utts]
     assert res[2].chunk_exits == [] and len(res[1].chunk_exits) == 1 and len(res[3].chunk_exits) == 3
+
+
+# ------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("kind", ["zipformer-conv2d", "splitformer-conv2d"])
+def test_streaming_export_of_the_conv2d_front_end_and_a_multi_rate_zipformer(kind, tmp_path):
+    """The streaming files of the other front end (its ConvNeXt cache is sherpa-onnx's front-end state) and of a
+    Zipformer2 with four stacks at four rates: export checks each against PyTorch chunk by chunk, and
+    sherpa-onnx's online recognizer loads and runs them."""
+    import numpy as np
+    import sherpa_onnx
+
+    from splitformer.export import export_model, read_metadata
+
+    model, chunk, left = causal_model(kind)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(f"{p} {i}\n" for i, p in enumerate(["<blk>", "<sos/eos>", "<unk>"] +
+                                                                  [f"\u2581t{i}" for i in range(27)])))
+    res = export_model(model, {"encoder": "zipformer" if kind.startswith("zip") else "early-exit"}, tmp_path,
+                       model.exits[-1:], streaming=True, chunk=chunk, left=left, tokens=tokens, log=lambda m: None)
+    d = tmp_path / "streaming"
+    assert res.files[f"streaming/encoder-exit{model.exits[-1]}"] == d / f"encoder-exit{model.exits[-1]}.onnx"
+    meta = read_metadata(d / f"encoder-exit{model.exits[-1]}.onnx")
+    assert (int(meta["T"]), int(meta["decode_chunk_len"])) == (2 * chunk + 13, 2 * chunk)
+    stacks = len(meta["encoder_dims"].split(","))
+    assert stacks == (4 if kind.startswith("zip") else 3)  # four rates; main layers and two branches
+    rec = sherpa_onnx.OnlineRecognizer.from_transducer(
+        tokens=str(d / "tokens.txt"), encoder=str(d / f"encoder-exit{model.exits[-1]}.onnx"),
+        decoder=str(d / "decoder.onnx"), joiner=str(d / "joiner.onnx"), num_threads=1)
+    s = rec.create_stream()
+    s.accept_waveform(16000, np.random.default_rng(0).normal(0, 0.1, 24000).astype(np.float32))
+    s.input_finished()
+    calls = 0
+    while rec.is_ready(s):
+        rec.decode_stream(s)
+        calls += 1
+    assert calls >= 2 and isinstance(rec.get_result(s), str)
