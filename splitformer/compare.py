@@ -199,11 +199,42 @@ def differences(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
     return out
 
 
+def streaming_ratios(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
+    """What streaming costs a causal model: at each exit, the WER of every chunked run (streamed or simulated)
+    over the same system's full-context WER with the same search, with a 95 % interval from a paired bootstrap
+    over the utterances both decoded."""
+    import numpy as np
+
+    out = []
+    for (exp, ts, method, layer), r in sorted(summary.items()):
+        run = r["runs"][0]
+        if not run.get("chunk_size"):
+            continue
+        base_method = method.split(", ")[0]  # the search without the chunking
+        base = summary.get((exp, ts, base_method, layer))
+        if base is None:
+            continue
+        a, b = r["runs"], base["runs"]
+        utts = common_utts(list(a) + list(b))
+        ci = None
+        if utts and draws > 0:
+            ea, ra = _error_table(a, utts)
+            eb, rb = _error_table(b, utts)
+            sa, u_idx = _draws(len(a), len(utts), draws, seed=3)
+            sb, _ = _draws(len(b), len(utts), draws, seed=4)
+            ratio = _boot_wer(ea, ra, sa, u_idx) / np.maximum(_boot_wer(eb, rb, sb, u_idx), 1e-9)
+            ci = [float(v) for v in np.percentile(ratio, [2.5, 97.5])]
+        out.append(dict(experiment=exp, test_set=ts, method=method, exit_layer=layer, wer=r["wer"],
+                        full_context_wer=base["wer"], ratio=r["wer"] / max(base["wer"], 1e-9), ci95=ci))
+    return out
+
+
 def _ci(ci: Optional[Sequence[float]]) -> str:
     return "-" if not ci else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
-def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[Dict]) -> List[str]:
+def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[Dict],
+             ratios: Sequence[Dict] = ()) -> List[str]:
     lines = ["# Results", "",
              "WER is the mean over seeds; the interval is a 95 % bootstrap over utterances (and seeds).", ""]
     sets = sorted({k[1] for k in summary} | {r["test_set"] for r in runs if "test_set" in r})
@@ -227,14 +258,24 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
                 verdict = ("A better" if d["diff"] < 0 else "B better") if d["significant"] else "inside the noise"
                 lines.append(f"| {d['method']} | {d['exit_layer']} | {d['a']} | {d['b']} | {d['diff']:+.2f} | "
                              f"{_ci(d['ci95'])} | {verdict} |")
+        rs = [r for r in ratios if r["test_set"] == s]
+        if rs:
+            lines += ["", "What streaming costs (chunked WER over the same model's full-context WER, paired bootstrap):", "",
+                      "| experiment | method | exit layer | WER % | full context WER % | ratio | 95 % interval |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+            for r in rs:
+                ci = "-" if not r["ci95"] else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+                lines.append(f"| {r['experiment']} | {r['method']} | {r['exit_layer']} | {r['wer']:.2f} | "
+                             f"{r['full_context_wer']:.2f} | {r['ratio']:.2f} | {ci} |")
         dyn = [r for r in runs if r.get("kind") == "dynamic" and r["test_set"] == s]
         if dyn:
-            lines += ["", "Dynamic exits (one exit per utterance):", "",
-                      "| experiment | method | strategy | threshold | WER % | mean exit layer | mean encoder MMACs/s |",
-                      "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+            lines += ["", "Dynamic exits (one exit per utterance, or per chunk of a stream):", "",
+                      "| experiment | method | per | strategy | threshold | WER % | mean exit layer | mean MMACs/s |",
+                      "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
             for r in sorted(dyn, key=lambda r: (r["experiment"], r["strategy"], r["threshold"])):
-                lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r['threshold']:.4g} | {r['wer']:.2f} | "
-                             f"{r['mean_exit_layer']:.2f} | {_num(_mmacs(r['macs_per_second']), '.1f')} |")
+                lines.append(f"| {r['experiment']} | {_method(r)} | {r.get('per', 'utterance')} | {r['strategy']} | "
+                             f"{r['threshold']:.4g} | {r['wer']:.2f} | {r['mean_exit_layer']:.2f} | "
+                             f"{_num(_mmacs(r['macs_per_second']), '.1f')} |")
         budgets = [r for r in runs if r.get("kind") == "budget" and r["test_set"] == s]
         if budgets:
             lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}):", "",
@@ -356,9 +397,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, args.bootstrap)
     diffs = differences(summary, args.bootstrap)
-    (args.out / "report.md").write_text("\n".join(markdown(runs, summary, diffs)) + "\n")
+    ratios = streaming_ratios(summary, args.bootstrap)
+    (args.out / "report.md").write_text("\n".join(markdown(runs, summary, diffs, ratios)) + "\n")
     (args.out / "results.tsv").write_text("\n".join(tsv(summary)) + "\n")
-    (args.out / "results.json").write_text(json.dumps(results_json(summary, diffs, args.wall_seconds), indent=1) + "\n")
+    (args.out / "results.json").write_text(json.dumps(dict(results_json(summary, diffs, args.wall_seconds),
+                                                           streaming_ratios=ratios), indent=1) + "\n")
     for s in sorted({r["test_set"] for r in runs}):
         plot(runs, summary, s, args.out / f"wer-{s}.png")
     print(f"wrote {args.out / 'report.md'}")
