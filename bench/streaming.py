@@ -3,7 +3,7 @@
 onnxruntime, with the real-time factor and the latency a chunk adds.
 
     ./splitformer/export.py --exp-dir exp/splitformer-cpu-causal --epoch 12 --avg 4 --use-averaged-model \\
-        --streaming true --chunk-size 8 --left-context-frames 64 --onnx-dir ...   # streaming/ files
+        --streaming true --chunk-size 8 --left-context-frames 64   # writes exp/splitformer-cpu-causal/onnx/streaming
     python bench/streaming.py --exp-dir exp/splitformer-cpu-causal --epoch 12 --avg 4 --use-averaged-model \\
         --chunk-size 8 --left-context-frames 64 --onnx-dir exp/splitformer-cpu-causal/onnx/streaming
 
@@ -11,8 +11,8 @@ One stream, chunk after chunk, over the AN4 test features (prepared by ./prepare
 so that the caches are full as in a long conversation. For each exit it times every chunk's front end + encoder up
 to that exit (the blocks above never run), after --warmup chunks, and prints the median and 95th percentile in
 milliseconds and as a share of the chunk's duration, and the real-time factor (encoder seconds per second of
-audio). PyTorch runs StreamingEncoder; onnxruntime runs streaming/encoder-exit<N>.onnx (sherpa-onnx's file, which
-also projects for the joiner). Latency: the chunk plus the front end's look-ahead (the audio a frame waits for
+audio). PyTorch runs StreamingEncoder and the joiner's encoder projection; onnxruntime runs
+streaming/encoder-exit<N>.onnx (sherpa-onnx's file, which holds the same projection), so both do the same work. Latency: the chunk plus the front end's look-ahead (the audio a frame waits for
 before its chunk can run), and that plus the p95 compute.
 """
 import argparse
@@ -54,10 +54,12 @@ def torch_times(model, enc: StreamingEncoder, windows: torch.Tensor, exit_index:
         if enc.early_exit:
             x, x_lens = enc.prepare(h, lens)
             for b in range(exit_index + 1):
-                x, _ = enc.block(b, x, x_lens, state)
+                x, out = enc.block(b, x, x_lens, state)
             enc.finish_chunk(state)
         else:
-            enc.encode(h, lens, state)
+            out, _ = enc.encode(h, lens, state)
+        if model.use_transducer:
+            model.project_encoder(out, model.exits[exit_index])
 
     with torch.no_grad():
         return time_chunks(step, windows.shape[0], warmup)

@@ -291,7 +291,11 @@ class StreamingRunner:
 def decode_streaming(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
     sd = d / "streaming"
     if not (sd / f"stem{suffix}").is_file():
-        raise SystemExit(f"onnx_decode.py: {sd / ('stem' + suffix)} does not exist: export with --streaming true")
+        have = sorted(p.name for p in sd.glob("encoder-exit*.onnx")) if sd.is_dir() else []
+        why = (f"the per-block streaming files are written for encoders with exits only; {sd} holds "
+               f"{', '.join(have)}, which sherpa-onnx's OnlineRecognizer runs" if have else
+               "export with --streaming true")
+        raise SystemExit(f"onnx_decode.py: {sd / ('stem' + suffix)} does not exist: {why}")
     runner = StreamingRunner(sd, suffix)
     if args.exit_strategy != "fixed" and "log_probs" not in runner.outputs:
         raise SystemExit("onnx_decode.py: dynamic exits read the CTC posteriors, but these blocks have no CTC head")

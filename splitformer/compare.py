@@ -153,7 +153,8 @@ def _method(r: Dict) -> str:
     label = f"{m} (beam {r['beam']})" if m in ("modified_beam_search", "ctc_prefix_beam_search") else m
     if r.get("chunk_size"):
         how = "streaming" if r.get("streaming") else "simulated"
-        label += f", {how} {r['chunk_ms']:g} ms chunks, {r['left_context_ms'] / 1000:g} s left"
+        left = r.get("left_context_ms")
+        label += f", {how} {r['chunk_ms']:g} ms chunks, " + ("all left" if left is None or left < 0 else f"{left / 1000:g} s left")
     return label
 
 

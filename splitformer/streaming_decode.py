@@ -84,6 +84,17 @@ def _check(args: argparse.Namespace, model) -> None:
                                "whole utterances)")
     if args.max_streams < 1:
         raise DecodeSetupError(f"--max-streams must be >= 1, got {args.max_streams}")
+    if args.device != "cpu":
+        raise DecodeSetupError(f"streaming decode runs on the CPU (an edge device's stream); got --device "
+                               f"{args.device}. decode.py --chunk-size C --left-context-frames L decodes the same "
+                               "chunking, whole utterances at a time, on any device")
+    if args.exit_threshold is not None:
+        try:
+            parse_threshold(args.exit_threshold)
+        except ValueError:
+            raise DecodeSetupError(f"--exit-threshold must be a number or 'inf' per chunk, got "
+                                   f"{args.exit_threshold!r} (for a curve, give --exit-budget-macs or "
+                                   "--exit-budget-fraction, or run several thresholds)") from None
     if args.exit_layer not in (None, "all"):
         try:
             layer = int(args.exit_layer)
@@ -127,10 +138,11 @@ def _run(args: argparse.Namespace) -> int:
     threshold = None if args.exit_threshold is None else parse_threshold(args.exit_threshold)
     budget_info: Dict = {}
     if dynamic and args.exit_budget_fraction is not None:
-        costs = _decoder(model, args, None, None).costs
-        args.exit_budget_macs = args.exit_budget_fraction * costs.fixed(len(model.exits) - 1) / costs.seconds
-        logging.info(f"budget: {args.exit_budget_fraction:g} of the last exit's {fmt_macs(costs.fixed(len(model.exits) - 1) / costs.seconds)} "
-                     f"MACs/s = {fmt_macs(args.exit_budget_macs)}")
+        last = _fixed_macs(_decoder(model, args, None, None), test_cuts(args.manifest_dir, args.dataset, args.budget_set),
+                           len(model.exits) - 1)
+        args.exit_budget_macs = args.exit_budget_fraction * last
+        logging.info(f"budget: {args.exit_budget_fraction:g} of the last exit's {fmt_macs(last)} MACs/s on "
+                     f"{args.budget_set} = {fmt_macs(args.exit_budget_macs)}")
     if dynamic and args.exit_budget_macs is not None:
         threshold, budget_info = choose_threshold(model, tokenizer, args)
     for test_set in test_sets(args):
@@ -162,14 +174,23 @@ def _run(args: argparse.Namespace) -> int:
         exits = model.exits if exit_layer == "all" else [int(exit_layer)]
         for e in exits:
             words = stream_words(results, tokenizer, e if exit_layer == "all" else 0)
-            e_macs = dec.costs.fixed(model.exits.index(e)) / dec.costs.seconds
-            entry = write_run(out_dir, test_set, run_tag(args, str(e), streaming=True), words, dec.encoder_seconds,
-                              dec.total_seconds, audio_s, e_macs, dict(common, kind="fixed", exit_layer=e))
+            # charged as the dynamic runs are: every chunk each stream ran (the last one padded), over the audio
+            e_macs = sum(len(r.chunk_exits) for r in results) * dec.costs.fixed(model.exits.index(e)) / audio_s
+            enc_s, total_s = dec.exit_seconds[e] if exit_layer == "all" else (dec.encoder_seconds, dec.total_seconds)
+            entry = write_run(out_dir, test_set, run_tag(args, str(e), streaming=True), words, enc_s, total_s,
+                              audio_s, e_macs, dict(common, kind="fixed", exit_layer=e))
             update_results_json(json_path, entry)
-            logging.info(f"{test_set} exit {e}: WER {entry['wer']:.2f}% MACs/s {fmt_macs(e_macs)} (RTF of the pass: "
-                         f"encoder {entry['rtf_encoder']:.4f}, all {entry['rtf_decode']:.4f})")
+            logging.info(f"{test_set} exit {e}: WER {entry['wer']:.2f}% MACs/s {fmt_macs(e_macs)} RTF encoder "
+                         f"{entry['rtf_encoder']:.4f}, with search {entry['rtf_decode']:.4f}")
     logging.info(f"results in {out_dir}")
     return 0
+
+
+def _fixed_macs(dec: StreamingDecoder, cuts, block: int) -> float:
+    """MACs per second of audio of a fixed exit at ``block`` over ``cuts``, counted as the decodes count them:
+    every chunk each stream runs, the last one padded."""
+    chunks = sum(dec.num_chunks(u) for u in cut_utterances(cuts))
+    return chunks * dec.costs.fixed(block) / (float(sum(c.duration for c in cuts)) or 1.0)
 
 
 def choose_threshold(model, tokenizer, args: argparse.Namespace):

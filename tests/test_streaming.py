@@ -2,6 +2,7 @@
 whole-utterance forward (both front ends, Splitformer branches, batches of unequal streams, per-chunk exits),
 the streaming decoder's words, and sizes that do not line up."""
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -42,10 +43,12 @@ def causal_model(kind: str, seed: int = 0):
     return model, chunk, left
 
 
-def stream_exits(model, enc: StreamingEncoder, feats: torch.Tensor, lens: torch.Tensor):
-    """Every exit's output of a batch of streams fed chunk by chunk (every block run), concatenated over time."""
+def stream_exits(model, enc: StreamingEncoder, feats: torch.Tensor, lens: torch.Tensor,
+                 front_len: Optional[torch.Tensor] = None):
+    """Every exit's output of a batch of streams fed chunk by chunk (every block run), concatenated over time.
+    ``front_len``: the front-end frames to run, if not all that ``lens`` give (the rest is look-ahead only)."""
     b = feats.shape[0]
-    front_len = enc.front.output_lengths(lens)
+    front_len = enc.front.output_lengths(lens) if front_len is None else front_len
     state = enc.init_state(b)
     got = {e: [] for e in model.exits}
     k = 0
@@ -80,8 +83,12 @@ def test_chunk_mask_blocks_the_future_and_what_is_older_than_the_left_context():
 
 
 def test_sizes_that_do_not_line_up_are_refused_with_the_valid_values():
-    with pytest.raises(ValueError, match=r"not a multiple of 2.*e\.g\. 2, 4, 6, 8"):
+    with pytest.raises(ValueError, match=r"not a multiple of 2.*e\.g\. 2, 4, 8, 16\) or -1"):
         check_chunking((8, 5), (32,), factor=2)
+    for suggested in (2, 4, 8, 16):  # every suggestion passes the left-context rule too
+        check_chunking((suggested,), (32,), factor=2)
+    with pytest.raises(ValueError, match=r"e\.g\. 16, 32, 64\)$"):  # a stream cannot take -1
+        check_chunking((16,), (24,), factor=2, allow_full=False)
     with pytest.raises(ValueError, match="multiple of 16"):
         check_chunking((8, 16), (24,), factor=2)
     with pytest.raises(ValueError, match="shorter than the 14 frames .* at least 16"):
@@ -355,16 +362,19 @@ def test_silence_and_short_streams_decode_without_error():
 def test_streaming_export_of_the_conv2d_front_end_and_a_multi_rate_zipformer(kind, tmp_path):
     """The streaming files of the other front end (its ConvNeXt cache is sherpa-onnx's front-end state) and of a
     Zipformer2 with four stacks at four rates: export checks each against PyTorch chunk by chunk, and
-    sherpa-onnx's online recognizer loads and runs them."""
+    sherpa-onnx's online recognizer runs them and says what our StreamingDecoder says on the same frames."""
     import numpy as np
     import sherpa_onnx
+
+    from sherpa_support import frames_sherpa_runs, padded, piece_text, sherpa_text
+    from splitformer.decoding.search import greedy_search
 
     from splitformer.export import export_model, read_metadata
 
     model, chunk, left = causal_model(kind)
     tokens = tmp_path / "tokens.txt"
-    tokens.write_text("".join(f"{p} {i}\n" for i, p in enumerate(["<blk>", "<sos/eos>", "<unk>"] +
-                                                                  [f"\u2581t{i}" for i in range(27)])))
+    pieces = ["<blk>", "<sos/eos>", "<unk>"] + [f"\u2581t{i}" for i in range(27)]
+    tokens.write_text("".join(f"{p} {i}\n" for i, p in enumerate(pieces)))
     res = export_model(model, {"encoder": "zipformer" if kind.startswith("zip") else "early-exit"}, tmp_path,
                        model.exits[-1:], streaming=True, chunk=chunk, left=left, tokens=tokens, log=lambda m: None)
     d = tmp_path / "streaming"
@@ -376,11 +386,15 @@ def test_streaming_export_of_the_conv2d_front_end_and_a_multi_rate_zipformer(kin
     rec = sherpa_onnx.OnlineRecognizer.from_transducer(
         tokens=str(d / "tokens.txt"), encoder=str(d / f"encoder-exit{model.exits[-1]}.onnx"),
         decoder=str(d / "decoder.onnx"), joiner=str(d / "joiner.onnx"), num_threads=1)
-    s = rec.create_stream()
-    s.accept_waveform(16000, np.random.default_rng(0).normal(0, 0.1, 24000).astype(np.float32))
-    s.input_finished()
-    calls = 0
-    while rec.is_ready(s):
-        rec.decode_stream(s)
-        calls += 1
-    assert calls >= 2 and isinstance(rec.get_result(s), str)
+    window, shift = int(meta["T"]), int(meta["decode_chunk_len"])
+    for seed in range(3):
+        wave = padded(np.random.default_rng(seed).normal(0, 0.1, 24000 + 4000 * seed))
+        feats = torch.from_numpy(frames_sherpa_runs(wave, window, shift))[None]
+        # the chunks sherpa-onnx runs, each with its look-ahead frames (it never runs a last, partial chunk)
+        chunks = (feats.shape[1] - window) // shift + 1
+        out = stream_exits(model, StreamingEncoder(model, chunk, left), feats, torch.tensor([feats.shape[1]]),
+                           front_len=torch.tensor([chunks * chunk]))[model.exits[-1]]
+        with torch.no_grad():
+            ours = greedy_search(model, model.project_encoder(out, model.exits[-1]), torch.tensor([out.shape[1]]))[0]
+        assert ours.tokens, "an untrained model that says nothing cannot tell the two apart"
+        assert sherpa_text(rec, wave) == piece_text([pieces[t] for t in ours.tokens]), seed

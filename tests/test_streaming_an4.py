@@ -95,7 +95,8 @@ def test_sherpa_onnx_online_recognizer_gives_our_streaming_words_at_every_exit(s
     samples and 0.66 s of silence (sherpa-onnx's own examples pad so), over the chunks sherpa-onnx runs."""
     import sherpa_onnx
 
-    from splitformer.decoding.audio import chunks_in, fbank, file_samples
+    from sherpa_support import frames_sherpa_runs, padded, sherpa_text
+    from splitformer.decoding.audio import file_samples
     from splitformer.export import read_metadata
 
     model, tok, files = model_and_files
@@ -110,20 +111,10 @@ def test_sherpa_onnx_online_recognizer_gives_our_streaming_words_at_every_exit(s
             "ctc_greedy_search": sherpa_onnx.OnlineRecognizer.from_zipformer2_ctc(
                 tokens=str(d / "tokens.txt"), model=str(d / f"ctc-exit{e}.onnx"), num_threads=1),
         }
-        padded = [np.concatenate([file_samples(f)[0], np.zeros(int(0.66 * 16000), np.float32)]) for f in files]
-        feats = []
-        for samples in padded:
-            f = fbank(samples)
-            feats.append(f[: (chunks_in(f.shape[0] - 1, window, shift) - 1) * shift + window])  # sherpa: k*shift+T < N
+        waves = [padded(file_samples(f)[0]) for f in files]
+        feats = [frames_sherpa_runs(w, window, shift) for w in waves]
         for method, rec in recognizers.items():
-            theirs = []
-            for samples in padded:
-                s = rec.create_stream()
-                s.accept_waveform(16000, samples)
-                s.input_finished()
-                while rec.is_ready(s):
-                    rec.decode_stream(s)
-                theirs.append(" ".join(rec.get_result(s).split()))
+            theirs = [sherpa_text(rec, w) for w in waves]
             ours = [_words(tok, r.tokens[0]) for r in _stream(model, feats, exit_layer=e, method=method)]
             assert sum(1 for w in ours if w) > len(ours) // 2, ours
             assert theirs == ours, (e, method)

@@ -158,8 +158,9 @@ def apply_chunking(model: AsrModel, margs: argparse.Namespace, args: argparse.Na
     if chunk <= 0:
         return {}
     ms = frame_ms(margs)
-    return dict(chunk_size=chunk, left_context_frames=left, chunk_ms=chunk * ms, left_context_ms=left * ms,
-                streaming=streaming)
+    # an unlimited left context (-1, decode.py only: a stream's caches are finite) is recorded as None
+    return dict(chunk_size=chunk, left_context_frames=left, chunk_ms=chunk * ms,
+                left_context_ms=left * ms if left > 0 else None, streaming=streaming)
 
 
 def test_cuts(manifest_dir: Path, dataset: str, split: str):

@@ -299,6 +299,9 @@ class StreamingDecoder:
         self.costs = costs
         self.encoder_seconds = 0.0
         self.total_seconds = 0.0
+        # with exit_layer "all": per exit, the seconds a fixed run to that exit would have spent (front end and
+        # the blocks up to it; and its own search), so that each exit's real-time factor is its own
+        self.exit_seconds: Dict[int, List[float]] = {e: [0.0, 0.0] for e in self.exits}
 
     # ---------------------------------------------------------------- driving
     @torch.no_grad()
@@ -346,11 +349,17 @@ class StreamingDecoder:
                     progress(len(done))
         return [results[c] for c in order]
 
+    def front_frames(self, utt: Utterance) -> int:
+        """Encoder frames the front end makes of ``utt`` (0 when it is shorter than the front end's window)."""
+        return max(int(self.enc.front.output_lengths(torch.tensor([utt.feats.shape[0]]))[0]), 0)
+
+    def num_chunks(self, utt: Utterance) -> int:
+        """Chunks the stream of ``utt`` runs, the last one padded."""
+        return -(-self.front_frames(utt) // self.enc.chunk)
+
     def _join(self, utt: Utterance) -> _Live:
-        n = int(self.enc.front.output_lengths(torch.tensor([utt.feats.shape[0]]))[0])
-        front_len = max(n, 0)
         searches = {e: self.search.start() for e in (self.exits if self.all else [0])}
-        return _Live(utt, front_len, -(-front_len // self.enc.chunk), searches)
+        return _Live(utt, self.front_frames(utt), self.num_chunks(utt), searches)
 
     def _result(self, s: _Live) -> StreamResult:
         """Token ids per exit read (key 0: the one search of a fixed or dynamic run)."""
@@ -387,13 +396,14 @@ class StreamingDecoder:
             self._search(live, range(len(live)), self.exits[-1], out, out_lens, key)
             self._record(live, range(len(live)), 0)
         else:
-            enc_time += self._climb(live, state, h, lens)
+            enc_time += self._climb(live, state, h, lens, enc_time)
             self.enc.finish_chunk(state)
         self.encoder_seconds += enc_time
         self.total_seconds += time.perf_counter() - t0
 
-    def _climb(self, live: Sequence[_Live], state: StreamState, h: Tensor, lens: Tensor) -> float:
-        """The blocks, with streams leaving at their exits; returns the seconds spent in blocks."""
+    def _climb(self, live: Sequence[_Live], state: StreamState, h: Tensor, lens: Tensor, front: float) -> float:
+        """The blocks, with streams leaving at their exits; returns the seconds spent in blocks. ``front``: the
+        seconds this chunk's front end took (charged to every exit of an all-exit pass)."""
         enc = self.enc
         x, x_lens = enc.prepare(h, lens)
         climbing = torch.arange(len(live))
@@ -422,7 +432,10 @@ class StreamingDecoder:
                         if b == 0:
                             live[i].scores.append([])
                         live[i].scores[-1].append(v)
+                t1 = time.perf_counter()
                 self._search(live, members, e, out, x_lens, key=e)
+                self.exit_seconds[e][0] += front + spent
+                self.exit_seconds[e][1] += front + spent + time.perf_counter() - t1
                 if b == self.top:
                     self._record(live, members, b)
                 continue

@@ -65,7 +65,7 @@ def parse_sizes(text, name: str) -> Tuple[int, ...]:
 
 
 def check_chunking(chunks: Sequence[int], lefts: Sequence[int], factor: int, conv_context: int = 0,
-                   frame_ms: Optional[float] = None) -> None:
+                   frame_ms: Optional[float] = None, allow_full: bool = True) -> None:
     """Refuse chunk sizes and left contexts that do not line up, naming the values that would.
 
     ``factor``: the largest downsampling any stack or branch applies (every chunk must be a multiple of
@@ -75,12 +75,16 @@ def check_chunking(chunks: Sequence[int], lefts: Sequence[int], factor: int, con
     context shorter than that would let a convolution see frames the attention may not.
     """
     unit = f" ({frame_ms:g} ms a frame)" if frame_ms else ""
+    full = " or -1" if allow_full else ""
     bad = [c for c in chunks if c > 0 and c % factor]
     if bad:
-        ok = ", ".join(str(factor * k) for k in range(1, 5))
+        # suggest only chunks that the left contexts given would also accept
+        finite_lefts = [v for v in lefts if v > 0]
+        fits = [factor * k for k in range(1, 65) if all(v % (factor * k) == 0 for v in finite_lefts)][:4]
+        ok = ", ".join(map(str, fits or [factor * k for k in range(1, 5)]))
         raise ValueError(f"--chunk-size {','.join(map(str, chunks))}: {bad} is not a multiple of {factor}, the "
                          f"largest downsampling of the encoder's stacks and branches; use multiples of {factor} "
-                         f"(e.g. {ok}) or -1{unit}")
+                         f"(e.g. {ok}){full}{unit}")
     finite_chunks = [c for c in chunks if c > 0]
     for left in lefts:
         if left <= 0:
@@ -91,8 +95,8 @@ def check_chunking(chunks: Sequence[int], lefts: Sequence[int], factor: int, con
             for c in finite_chunks:
                 lcm = lcm * c // _gcd(lcm, c)
             raise ValueError(f"--left-context-frames {left} is not a multiple of chunk size(s) {off}: the left "
-                             f"context is whole chunks; use a multiple of {lcm} (e.g. {lcm}, {2 * lcm}, {4 * lcm}) "
-                             f"or -1{unit}")
+                             f"context is whole chunks; use a multiple of {lcm} (e.g. {lcm}, {2 * lcm}, {4 * lcm})"
+                             f"{full}{unit}")
         if left < conv_context:
             need = -(-conv_context // max(finite_chunks or [1])) * max(finite_chunks or [1])
             raise ValueError(f"--left-context-frames {left} is shorter than the {conv_context} frames the causal "

@@ -6,6 +6,7 @@ flags as a plain dict (``model_args_dict``), so decode can rebuild the exact arc
 """
 import argparse
 import functools
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
@@ -450,7 +451,13 @@ def _causal_kwargs(args: argparse.Namespace, early_exit: bool = False) -> Dict[s
     from splitformer.model.chunking import parse_sizes
 
     if not getattr(args, "causal", False):
+        if float(getattr(args, "chunk_exit_prob", 0.0) or 0.0) > 0:
+            logging.warning("--chunk-exit-prob trains per-chunk exits of a streaming model; with --causal false "
+                            "it does nothing")
         return {}
+    if not early_exit and float(getattr(args, "chunk_exit_prob", 0.0) or 0.0) > 0:
+        raise ValueError("--chunk-exit-prob needs an encoder with exits (--encoder early-exit); the Zipformer "
+                         "baseline has one exit: drop it or set it to 0")
     extra = dict(chunk_exit_prob=float(getattr(args, "chunk_exit_prob", 0.0))) if early_exit else {}
     return dict(causal=True, chunk_size=parse_sizes(args.chunk_size, "chunk-size"),
                 left_context_frames=parse_sizes(args.left_context_frames, "left-context-frames"), **extra)
@@ -464,6 +471,9 @@ def build_model(args: argparse.Namespace, vocab_size: Optional[int] = None) -> A
         raise ValueError("vocab_size is unknown: pass it, or set args.vocab_size (from data/lang_bpe_<N>/tokens.txt)")
     args.vocab_size = int(vocab_size)
     if args.encoder == "hf":
+        if getattr(args, "causal", False):
+            raise ValueError("--causal true streams the Zipformer encoders; a pretrained --encoder hf backbone "
+                             "attends to the whole utterance: drop --causal or pick --encoder early-exit")
         encoder_embed, encoder = build_hf_encoder(args)
         args.feature_norm = "none"  # fbank statistics mean nothing to a waveform model
     else:

@@ -98,7 +98,7 @@ class StreamingEncoder:
         if chunk <= 0 or left <= 0:
             raise ValueError(f"streaming needs a finite chunk and left context, got --chunk-size {chunk} "
                              f"--left-context-frames {left}")
-        check_chunking((chunk,), (left,), chunks.chunk_factor, chunks.conv_context)
+        check_chunking((chunk,), (left,), chunks.chunk_factor, chunks.conv_context, allow_full=False)
         self.model = model
         self.chunk = chunk
         self.left = left
