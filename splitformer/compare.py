@@ -147,6 +147,16 @@ def latest_fixed(runs: Sequence[Dict]) -> Dict[Tuple, Dict]:
     return best
 
 
+def fixed_at_cost(runs: Sequence[Dict], dyn: Dict) -> Optional[Dict]:
+    """The fixed exit a dynamic run should beat: of the same experiment, set and decode (search and chunking),
+    the cheapest whose MACs per second are at least what the dynamic run spent (the newest run of each exit)."""
+    same = [r for k, r in latest_fixed(runs).items()
+            if k[:3] == (dyn["experiment"], dyn["test_set"], _method(dyn)) and k[4] == dyn.get("source", dyn["experiment"])
+            and r.get("macs_per_second") is not None]
+    dearer = [r for r in same if r["macs_per_second"] >= (dyn.get("achieved_cost") or dyn.get("macs_per_second") or 0)]
+    return min(dearer, key=lambda r: r["macs_per_second"]) if dearer else None
+
+
 def _method(r: Dict) -> str:
     """How a run decoded: the search (and beam), and for a causal model its chunks, streamed or simulated."""
     m = r["method"]
@@ -279,16 +289,21 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
                              f"{_num(_mmacs(r['macs_per_second']), '.1f')} |")
         budgets = [r for r in runs if r.get("kind") == "budget" and r["test_set"] == s]
         if budgets:
-            lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}):", "",
+            lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}; against the "
+                      "cheapest fixed exit of the same decode that costs at least as much, paired bootstrap):", "",
                       "| experiment | method | strategy | scorer | budget | threshold | WER % on budget set | WER % | "
-                      "cost reached | mean exit layer |",
-                      "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                      "cost reached | mean exit layer | fixed exit (WER %, MMACs/s) | WER - fixed | 95 % interval |",
+                      "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
             for r in sorted(budgets, key=lambda r: (r["experiment"], r["strategy"], r.get("scorer", "ctc"),
                                                     r["budget_kind"], r["budget"])):
+                f = fixed_at_cost(runs, r)
+                d = difference_interval([r], [f]) if f is not None else None
+                vs = "-" if f is None else f"{f['exit_layer']} ({f['wer']:.2f}, {_num(_mmacs(f['macs_per_second']), '.1f')})"
                 lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r.get('scorer', 'ctc')} | "
                              f"{r['budget_kind']} {r['budget']:.4g} | "
                              f"{r['threshold']:.4g} | {r['dev_wer']:.2f} ({r['budget_set']}) | {r['wer']:.2f} | "
-                             f"{r['achieved_cost']:.4g} | {r['mean_exit_layer']:.2f} |")
+                             f"{r['achieved_cost']:.4g} | {r['mean_exit_layer']:.2f} | {vs} | "
+                             f"{'-' if d is None else f'{d[0]:+.2f}'} | {'-' if d is None else _ci(d[1:])} |")
         sweeps = [r for r in runs if r.get("kind") == "dynamic-sweep" and r["test_set"] == s]
         for r in sweeps:
             lines += ["", f"Dynamic-exit sweep, {r['experiment']}, {_method(r)}, criteria read from the "

@@ -97,3 +97,18 @@ def test_no_results_is_an_error(tmp_path):
     r = subprocess.run([str(REPO / "splitformer" / "compare.py"), str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no results to compare" in r.stderr
+
+
+def test_a_budget_run_is_set_against_the_cheapest_fixed_exit_that_costs_as_much():
+    from splitformer.compare import fixed_at_cost
+
+    def run(kind, exit_layer, macs, **kw):
+        return dict(kind=kind, experiment="m", test_set="test", method="greedy_search", beam=4, exit_layer=exit_layer,
+                    macs_per_second=macs, source="exp/m", chunk_size=8, chunk_ms=320, left_context_ms=2560,
+                    streaming=True, **kw)
+
+    fixed = [run("fixed", e, 16e6 * e) for e in (2, 4, 6, 8)]
+    offline = dict(fixed[2], chunk_size=None, macs_per_second=70e6, exit_layer=6)  # another decode: never chosen
+    dyn = run("budget", None, 50e6, achieved_cost=50e6)
+    assert fixed_at_cost(fixed + [offline], dyn)["exit_layer"] == 4  # 64M is the cheapest at or above 50M
+    assert fixed_at_cost(fixed, dict(dyn, achieved_cost=200e6, macs_per_second=200e6)) is None  # dearer than all

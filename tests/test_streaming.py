@@ -56,16 +56,8 @@ def stream_exits(model, enc: StreamingEncoder, feats: torch.Tensor, lens: torch.
         while bool((front_len - k * enc.chunk > 0).any()):
             x = feats[:, k * enc.shift: k * enc.shift + enc.input_frames]
             x = torch.nn.functional.pad(x, (0, 0, 0, enc.input_frames - x.shape[1]))
-            h, h_lens = enc.front_step(x, state, front_len - k * enc.chunk)
-            if enc.early_exit:
-                h, h_lens = enc.prepare(h, h_lens)
-                for block, e in enumerate(model.exits):
-                    h, out = enc.block(block, h, h_lens, state)
-                    got[e].append(out)
-                enc.finish_chunk(state)
-            else:
-                out, _ = enc.encode(h, h_lens, state)
-                got[model.exits[-1]].append(out)
+            for e, out in enc.chunk_all_exits(x, state, front_len - k * enc.chunk).items():
+                got[e].append(out)
             k += 1
     return {e: torch.cat(v, dim=1) for e, v in got.items()}
 

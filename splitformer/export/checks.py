@@ -83,16 +83,8 @@ def compare_streaming(model: AsrModel, files: Mapping[str, Path], chunk: int, le
     state = enc.init_state(batch)
     with torch.no_grad():
         for x in windows:
-            h, lens = enc.front_step(x, state, remaining)
-            if enc.early_exit:
-                h, lens = enc.prepare(h, lens)
-                for b, e in enumerate(model.exits):
-                    h, out = enc.block(b, h, lens, state)
-                    ref[e].append(out)
-                enc.finish_chunk(state)
-            else:
-                out, _ = enc.encode(h, lens, state)
-                ref[model.exits[-1]].append(out)
+            for e, out in enc.chunk_all_exits(x, state, remaining).items():
+                ref[e].append(out)
     worst = 0.0
     embed0 = np.zeros((batch,) + SHERPA_EMBED_SHAPE, dtype=np.float32)
     for e in exits:

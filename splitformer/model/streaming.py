@@ -13,7 +13,7 @@ appended with one indexing operation per tensor whatever the model (the layers k
 the transposes here are views).
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -173,6 +173,20 @@ class StreamingEncoder:
     def finish_chunk(self, state: StreamState) -> None:
         """Every block has run or been skipped for this chunk: the streams move on."""
         self._advance(state)
+
+    def chunk_all_exits(self, feats: Tensor, state: StreamState, remaining: Tensor) -> Dict[int, Tensor]:
+        """One chunk through the front end and every block: each exit's output (B, out_frames, D). The
+        reference that exports and tests compare against."""
+        h, lens = self.front_step(feats, state, remaining)
+        exits = list(self.model.exits)
+        if not self.early_exit:
+            return {exits[-1]: self.encode(h, lens, state)[0]}
+        x, x_lens = self.prepare(h, lens)
+        outs = {}
+        for b, e in enumerate(exits):
+            x, outs[e] = self.block(b, x, x_lens, state)
+        self.finish_chunk(state)
+        return outs
 
     def _advance(self, state: StreamState) -> None:
         state.processed = state.processed + self.chunk
