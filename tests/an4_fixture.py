@@ -12,6 +12,10 @@ Usage in a test module (tests/ is on sys.path under pytest's default import mode
 `lang_bpe_30/bpe.model`. Calls with the same root in one process run `./prepare.sh` only once; a root
 prepared by an earlier process is reused as is (prepare.sh skips complete stages). Set
 SPLITFORMER_AN4_DATA to an already prepared data dir to skip preparation altogether.
+
+A module that trains a model with run.sh's recipe registers it at import, `recipe_run("name", __file__, flags,
+epochs)`, and takes it from the session fixture `an4_recipe_runs` (conftest.py): `an4_recipe_runs.wait("name")`.
+Every registered run whose module has selected tests starts the first time one is asked for, side by side.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_AN4 = Path(os.environ.get("AN4_DIR", REPO.parent / "shared" / "data" / "an4"))
@@ -40,17 +44,56 @@ def recipe_args() -> List[str]:
     return args + ["--max-duration", max_duration]
 
 
-def train_with_recipe(exp: Path, data: Path, model_args: List[str], epochs: int, timeout: int = 600) -> Path:
+def recipe_command(exp: Path, data: Path, model_args: List[str], epochs: int) -> List[str]:
     """train.py with run.sh's recipe on prepared AN4 ``data`` (see :func:`prepared_an4`), into ``exp``."""
     import sys
 
-    cmd = [sys.executable, str(REPO / "splitformer" / "train.py"), *model_args, *recipe_args(),
-           "--num-epochs", str(epochs), "--exp-dir", str(exp), "--manifest-dir", str(data / "fbank"),
-           "--bpe-model", str(data / f"lang_bpe_{VOCAB_SIZE}" / "bpe.model"), "--num-workers", "0",
-           "--progress-bar", "false", "--tensorboard", "false"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return exp
+    return [sys.executable, str(REPO / "splitformer" / "train.py"), *model_args, *recipe_args(),
+            "--num-epochs", str(epochs), "--exp-dir", str(exp), "--manifest-dir", str(data / "fbank"),
+            "--bpe-model", str(data / f"lang_bpe_{VOCAB_SIZE}" / "bpe.model"), "--num-workers", "0",
+            "--progress-bar", "false", "--tensorboard", "false"]
+
+
+# The models that test modules train with the recipe: name -> (the module's file, model flags, epochs). A module
+# registers its run at import; the session starts every run whose module has selected tests, side by side.
+_RUNS: Dict[str, Tuple[str, List[str], int]] = {}
+
+
+def recipe_run(name: str, module_file: str, model_args: List[str], epochs: int) -> None:
+    _RUNS[name] = (str(Path(module_file).resolve()), list(model_args), epochs)
+
+
+class RecipeRuns:
+    """The registered recipe runs that this session's tests need, started together (one thread each when there
+    are several: a small model gains little from a second thread, and two side by side finish sooner than one
+    after the other), each waited for by the module that uses it."""
+
+    def __init__(self, root: Path, data: Path, selected_files: Set[str]) -> None:
+        wanted = {n: r for n, r in sorted(_RUNS.items()) if r[0] in selected_files}
+        threads = "1" if len(wanted) > 1 else "2"
+        self.procs: Dict[str, Tuple[Path, Path, subprocess.Popen]] = {}
+        for name, (_, args, epochs) in wanted.items():
+            exp = root / name / "exp"
+            exp.parent.mkdir(parents=True, exist_ok=True)
+            log = root / name / "train.log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen(recipe_command(exp, data, args + ["--num-threads", threads], epochs),
+                                        cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            self.procs[name] = (exp, log, proc)
+
+    def wait(self, name: str, timeout: int = 900) -> Path:
+        """The run's experiment directory once it has finished (failing with the end of its log if it failed)."""
+        assert name in self.procs, f"recipe run {name!r} was not started: register it with recipe_run()"
+        exp, log, proc = self.procs[name]
+        rc = proc.wait(timeout=timeout)
+        assert rc == 0, f"training {name} failed (exit {rc}); the end of {log}:\n" + log.read_text()[-3000:]
+        return exp
+
+    def stop(self) -> None:
+        for _, _, proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 class Utterance(NamedTuple):

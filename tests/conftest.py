@@ -15,3 +15,16 @@ def an4_dir() -> Path:
             pytest.fail(f"AN4 not found at {AN4_DIR}; CI must have ../shared/data/an4")
         pytest.skip(f"AN4 not found at {AN4_DIR} (set AN4_DIR)")
     return AN4_DIR
+
+
+@pytest.fixture(scope="session")
+def an4_recipe_runs(an4_dir, tmp_path_factory, request):
+    """The AN4 models the selected test modules train with run.sh's recipe (an4_fixture.recipe_run), all started
+    the first time one is asked for, so that they train side by side."""
+    from an4_fixture import RecipeRuns, prepared_an4
+
+    data = prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+    selected = {str(Path(str(item.fspath)).resolve()) for item in request.session.items}
+    runs = RecipeRuns(tmp_path_factory.mktemp("recipe_runs"), data, selected)
+    yield runs
+    runs.stop()

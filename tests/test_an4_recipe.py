@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from an4_fixture import prepared_an4, train_with_recipe
+from an4_fixture import prepared_an4, recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 # The plateau: dev loss per frame at the top exit of ee-zipformer-cpu with the old recipe was 0.92 (epoch
@@ -28,6 +28,7 @@ PLATEAU_WER = 80.0
 EPOCHS = 6
 SMALL = ["--preset", "ee-zipformer-cpu", "--num-encoder-layers", "4", "--exit-layers", "2,4",
          "--encoder-dim", "64", "--encoder-unmasked-dim", "64", "--feedforward-dim", "128"]
+recipe_run("recipe", __file__, SMALL, EPOCHS)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,9 @@ def an4_data(an4_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def recipe_exp(an4_data, tmp_path_factory) -> Path:
+def recipe_exp(an4_recipe_runs) -> Path:
     """train.py with run.sh's settings on the small model, once for this module's tests."""
-    return train_with_recipe(tmp_path_factory.mktemp("recipe") / "exp", an4_data, SMALL, EPOCHS, timeout=400)
+    return an4_recipe_runs.wait("recipe")
 
 
 @pytest.fixture(scope="module")

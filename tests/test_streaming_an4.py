@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from an4_fixture import prepared_an4, train_with_recipe
+from an4_fixture import prepared_an4, recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
@@ -18,6 +18,7 @@ CHUNK, LEFT = 8, 32  # 320 ms chunks, 1.28 s of left context (40 ms frames)
 SMALL = ["--preset", "splitformer-cpu-causal", "--num-encoder-layers", "4", "--exit-layers", "2,4",
          "--split-blocks", "0,1", "--encoder-dim", "64", "--encoder-unmasked-dim", "64", "--feedforward-dim", "128",
          "--chunk-exit-prob", "0.5"]
+recipe_run("causal", __file__, SMALL, EPOCHS)
 AVG = ["--epoch", str(EPOCHS), "--avg", "2", "--use-averaged-model"]
 
 
@@ -27,8 +28,8 @@ def an4_data(an4_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def causal_exp(an4_data, tmp_path_factory) -> Path:
-    return train_with_recipe(tmp_path_factory.mktemp("causal") / "exp", an4_data, SMALL + ["--num-threads", "2"], EPOCHS)
+def causal_exp(an4_recipe_runs) -> Path:
+    return an4_recipe_runs.wait("causal")
 
 
 @pytest.fixture(scope="module")
