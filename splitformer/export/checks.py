@@ -1,7 +1,7 @@
 """The checks every export runs: each ONNX file against the PyTorch computation it stands for, on inputs
 unlike the traced example (other lengths, padded and unpadded batches)."""
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -66,16 +66,15 @@ def compare_blocks(model: AsrModel, files: Mapping[str, Path], lengths: Sequence
 
 
 def compare_streaming(model: AsrModel, files: Mapping[str, Path], chunk: int, left: int, exits: Sequence[int],
-                      chunks: Optional[int] = None, batch: int = 2, seed: int = 1) -> float:
-    """Feed ``chunks`` chunks (by default two more than the left context holds) of two random streams to every streaming file (sherpa-onnx's per-exit encoders and
+                      chunks: int = 5, batch: int = 2, seed: int = 1) -> float:
+    """Feed ``chunks`` chunks of two random streams to every streaming file (sherpa-onnx's per-exit encoders and
     CTC models, carrying their states; the per-block form, block after block) and compare each chunk's output
-    with PyTorch's chunk-by-chunk computation (``StreamingEncoder``). More chunks than the left context holds,
-    so that full and rolling caches are both checked."""
+    with PyTorch's chunk-by-chunk computation (``StreamingEncoder``). Give more chunks than the left context
+    holds (export does), so that full and rolling caches are both checked."""
     from splitformer.export.streaming import SHERPA_EMBED_SHAPE, _Layout
     from splitformer.model.streaming import StreamingEncoder
 
     enc = StreamingEncoder(model, chunk, left)
-    chunks = chunks or left // chunk + 2
     g = torch.Generator().manual_seed(seed)
     windows = [torch.randn(batch, enc.input_frames, model.feature_dim, generator=g) for _ in range(chunks)]
     remaining = torch.full((batch,), 10 ** 6, dtype=torch.int64)
