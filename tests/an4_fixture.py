@@ -1,12 +1,7 @@
 """AN4 prepared once per test session (features + BPE), for every test that needs real data.
 
-Usage in a test module (tests/ is on sys.path under pytest's default import mode):
-
-    from an4_fixture import prepared_an4
-
-    @pytest.fixture(scope="session")
-    def an4_data(an4_dir, tmp_path_factory):
-        return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+Tests take it as the session fixture `an4_data` (conftest.py), which calls
+`prepared_an4(<basetemp>/an4_prepared, an4_dir)`; tests/ is on sys.path under pytest's default import mode.
 
 `prepared_an4(root)` returns `root/data` holding `fbank/an4_cuts_{train,dev,test}.jsonl.gz` and
 `lang_bpe_30/bpe.model`. Calls with the same root in one process run `./prepare.sh` only once; a root

@@ -18,12 +18,20 @@ def an4_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def an4_recipe_runs(an4_dir, tmp_path_factory, request):
+def an4_data(an4_dir, tmp_path_factory) -> Path:
+    """AN4 prepared once per session (features + BPE): see an4_fixture.prepared_an4."""
+    from an4_fixture import prepared_an4
+
+    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+
+
+@pytest.fixture(scope="session")
+def an4_recipe_runs(an4_data, tmp_path_factory, request):
     """The AN4 models the selected test modules train with run.sh's recipe (an4_fixture.recipe_run), all started
     the first time one is asked for, so that they train side by side."""
-    from an4_fixture import RecipeRuns, prepared_an4
+    from an4_fixture import RecipeRuns
 
-    data = prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
+    data = an4_data
     selected = {str(Path(str(item.fspath)).resolve()) for item in request.session.items}
     runs = RecipeRuns(tmp_path_factory.mktemp("recipe_runs"), data, selected)
     yield runs

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from an4_fixture import prepared_an4, recipe_run
+from an4_fixture import recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 # The plateau: dev loss per frame at the top exit of ee-zipformer-cpu with the old recipe was 0.92 (epoch
@@ -29,11 +29,6 @@ EPOCHS = 6
 SMALL = ["--preset", "ee-zipformer-cpu", "--num-encoder-layers", "4", "--exit-layers", "2,4",
          "--encoder-dim", "64", "--encoder-unmasked-dim", "64", "--feedforward-dim", "128"]
 recipe_run("recipe", __file__, SMALL, EPOCHS)
-
-
-@pytest.fixture(scope="module")
-def an4_data(an4_dir, tmp_path_factory) -> Path:
-    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,17 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 from lhotse import load_manifest
 
-from an4_fixture import REPO, VOCAB_SIZE, prepared_an4
+from an4_fixture import REPO, VOCAB_SIZE
 
 sys.path.insert(0, str(REPO / "local"))
 import an4 as an4_recipe  # noqa: E402
 
 from splitformer.data.recipes import DATASETS  # noqa: E402
 from splitformer.data.tokenizer import Tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def an4_data(an4_dir, tmp_path_factory) -> Path:
-    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
 
 
 def test_stages_announced_then_skipped(an4_data, an4_dir):

@@ -9,14 +9,9 @@ import pytest
 import torch
 from lhotse import CutSet, fastcopy, load_manifest
 
-from an4_fixture import VOCAB_SIZE, prepared_an4
+from an4_fixture import VOCAB_SIZE
 from splitformer.data.datamodule import AsrDataModule, frames_after_subsampling
 from splitformer.data.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="session")
-def an4_data(an4_dir, tmp_path_factory) -> Path:
-    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
 
 
 def make_dm(an4_data: Path, *extra: str) -> AsrDataModule:

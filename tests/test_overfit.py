@@ -8,7 +8,6 @@ import torch
 from lhotse import CutSet
 from lhotse.dataset import K2SpeechRecognitionDataset
 
-from an4_fixture import prepared_an4
 from splitformer.data.datamodule import input_lens, input_strategy
 from splitformer.data.tokenizer import Tokenizer
 from splitformer.decoding.search import ctc_greedy_search
@@ -23,11 +22,6 @@ TINY = {
                             exit_layers="2,4", split_blocks="0,1"),
 }
 MAX_STEPS = 300
-
-
-@pytest.fixture(scope="session")
-def an4_data(an4_dir, tmp_path_factory) -> Path:
-    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
 
 
 def eight_short_cuts(an4_data: Path) -> CutSet:

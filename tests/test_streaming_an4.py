@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from an4_fixture import prepared_an4, recipe_run
+from an4_fixture import recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
@@ -20,11 +20,6 @@ SMALL = ["--preset", "splitformer-cpu-causal", "--num-encoder-layers", "4", "--e
          "--chunk-exit-prob", "0.5"]
 recipe_run("causal", __file__, SMALL, EPOCHS)
 AVG = ["--epoch", str(EPOCHS), "--avg", "2", "--use-averaged-model"]
-
-
-@pytest.fixture(scope="module")
-def an4_data(an4_dir, tmp_path_factory) -> Path:
-    return prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
 
 
 @pytest.fixture(scope="module")
