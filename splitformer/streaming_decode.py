@@ -36,8 +36,8 @@ from splitformer.decoding.loading import (DecodeSetupError, apply_chunking, load
                                          test_sets)
 from splitformer.decoding.results import fmt_macs, run_tag, update_results_json, word_error_rate, write_run
 from splitformer.decoding.runner import default_scorer
-from splitformer.decoding.streaming import (ChunkExitRule, StreamingDecoder, chunk_costs, cut_utterances,
-                                            stream_words, threshold_candidates)
+from splitformer.decoding.streaming import (ChunkCosts, ChunkExitRule, StreamingDecoder, chunk_costs,
+                                            cut_utterances, stream_words, threshold_candidates)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -68,13 +68,16 @@ def _rule(model, args: argparse.Namespace, threshold: float) -> ChunkExitRule:
         raise DecodeSetupError(str(e)) from None
 
 
-def _decoder(model, args: argparse.Namespace, exit_layer, rule: Optional[ChunkExitRule]) -> StreamingDecoder:
+def _decoder(model, args: argparse.Namespace, exit_layer, rule: Optional[ChunkExitRule],
+             costs: Optional[ChunkCosts] = None) -> StreamingDecoder:
+    """A decoder of this run's chunking and search; ``costs`` are counted when not given (one count serves every
+    decoder of a run: thresholds do not change what a criterion costs, and fixed exits ignore it)."""
     try:
         dec = StreamingDecoder(model, args.chunk_size, args.left_context_frames, args.decoding_method,
                                args.beam_size, exit_layer, rule, args.max_streams)
     except ValueError as e:
         raise DecodeSetupError(str(e)) from None
-    dec.costs = chunk_costs(dec.enc, rule, dec.search)
+    dec.costs = costs if costs is not None else chunk_costs(dec.enc, rule, dec.search)
     return dec
 
 
@@ -137,20 +140,22 @@ def _run(args: argparse.Namespace) -> int:
     dynamic = args.exit_strategy != "fixed"
     threshold = None if args.exit_threshold is None else parse_threshold(args.exit_threshold)
     budget_info: Dict = {}
+    costs = _decoder(model, args, None, _rule(model, args, 0.0) if dynamic else None).costs
     if dynamic and args.exit_budget_fraction is not None:
-        last = _fixed_macs(_decoder(model, args, None, None), test_cuts(args.manifest_dir, args.dataset, args.budget_set),
-                           len(model.exits) - 1)
+        last = _fixed_macs(_decoder(model, args, None, None, costs),
+                           test_cuts(args.manifest_dir, args.dataset, args.budget_set), len(model.exits) - 1)
         args.exit_budget_macs = args.exit_budget_fraction * last
         logging.info(f"budget: {args.exit_budget_fraction:g} of the last exit's {fmt_macs(last)} MACs/s on "
                      f"{args.budget_set} = {fmt_macs(args.exit_budget_macs)}")
     if dynamic and args.exit_budget_macs is not None:
-        threshold, budget_info = choose_threshold(model, tokenizer, args)
+        threshold, budget_info = choose_threshold(model, tokenizer, args, costs)
     for test_set in test_sets(args):
         cuts = test_cuts(args.manifest_dir, args.dataset, test_set)
         audio_s = float(sum(c.duration for c in cuts)) or math.nan
         rule = _rule(model, args, threshold) if dynamic else None
         exit_layer = None if dynamic else (args.exit_layer or str(model.exits[-1]))
-        dec = _decoder(model, args, exit_layer if exit_layer == "all" or exit_layer is None else int(exit_layer), rule)
+        dec = _decoder(model, args, exit_layer if exit_layer == "all" or exit_layer is None else int(exit_layer), rule,
+                       costs)
         results = dec.decode(cut_utterances(cuts), progress=_bar(len(cuts), f"{test_set} streaming"))
         json_path = out_dir / f"results-{test_set}.json"
         macs = sum(r.macs for r in results) / audio_s
@@ -189,21 +194,21 @@ def _run(args: argparse.Namespace) -> int:
 def _fixed_macs(dec: StreamingDecoder, cuts, block: int) -> float:
     """MACs per second of audio of a fixed exit at ``block`` over ``cuts``, counted as the decodes count them:
     every chunk each stream runs, the last one padded."""
-    chunks = sum(dec.num_chunks(u) for u in cut_utterances(cuts))
+    chunks = sum(dec.num_chunks(c.num_frames) for c in cuts)
     return chunks * dec.costs.fixed(block) / (float(sum(c.duration for c in cuts)) or 1.0)
 
 
-def choose_threshold(model, tokenizer, args: argparse.Namespace):
+def choose_threshold(model, tokenizer, args: argparse.Namespace, costs: Optional[ChunkCosts] = None):
     """The threshold of ``--exit-strategy`` that meets ``--exit-budget-macs`` on ``--budget-set`` with the lowest
     WER, each candidate decoded there exactly as the test sets will be (per-chunk decisions, costs counted the
     same way). Candidates: quantiles of the chunks' scores in one all-exit pass."""
     cuts = test_cuts(args.manifest_dir, args.dataset, args.budget_set)
     audio_s = float(sum(c.duration for c in cuts)) or 1.0
-    trace = _decoder(model, args, "all", _rule(model, args, 0.0)).decode(
+    trace = _decoder(model, args, "all", _rule(model, args, 0.0), costs).decode(
         cut_utterances(cuts), progress=_bar(len(cuts), f"{args.budget_set} scores"))
     rows = []
     for t in threshold_candidates(trace, args.exit_strategy, args.budget_thresholds):
-        dec = _decoder(model, args, None, _rule(model, args, t))
+        dec = _decoder(model, args, None, _rule(model, args, t), costs)
         res = dec.decode(cut_utterances(cuts), progress=_bar(len(cuts), f"{args.budget_set} T={t:.4g}"))
         wer, _ = word_error_rate(stream_words(res, tokenizer, 0))
         rows.append(dict(threshold=t, wer=wer, cost=sum(r.macs for r in res) / audio_s))

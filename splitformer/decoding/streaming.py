@@ -349,17 +349,19 @@ class StreamingDecoder:
                     progress(len(done))
         return [results[c] for c in order]
 
-    def front_frames(self, utt: Utterance) -> int:
-        """Encoder frames the front end makes of ``utt`` (0 when it is shorter than the front end's window)."""
-        return max(int(self.enc.front.output_lengths(torch.tensor([utt.feats.shape[0]]))[0]), 0)
+    def front_frames(self, num_feats: int) -> int:
+        """Encoder frames the front end makes of ``num_feats`` fbank frames (0 when they are fewer than the
+        front end's window)."""
+        return max(int(self.enc.front.output_lengths(torch.tensor([num_feats]))[0]), 0)
 
-    def num_chunks(self, utt: Utterance) -> int:
-        """Chunks the stream of ``utt`` runs, the last one padded."""
-        return -(-self.front_frames(utt) // self.enc.chunk)
+    def num_chunks(self, num_feats: int) -> int:
+        """Chunks a stream of ``num_feats`` fbank frames runs, the last one padded."""
+        return -(-self.front_frames(num_feats) // self.enc.chunk)
 
     def _join(self, utt: Utterance) -> _Live:
         searches = {e: self.search.start() for e in (self.exits if self.all else [0])}
-        return _Live(utt, self.front_frames(utt), self.num_chunks(utt), searches)
+        n = utt.feats.shape[0]
+        return _Live(utt, self.front_frames(n), self.num_chunks(n), searches)
 
     def _result(self, s: _Live) -> StreamResult:
         """Token ids per exit read (key 0: the one search of a fixed or dynamic run)."""

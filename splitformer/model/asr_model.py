@@ -272,13 +272,16 @@ class AsrModel(nn.Module):
         am_scale: float = 0.0,
         lm_scale: float = 0.25,
         exit_layers: Optional[Sequence[int]] = None,
+        exit_outputs: Optional[List[Tuple[int, torch.Tensor, torch.Tensor]]] = None,
     ) -> Dict[int, Dict[str, torch.Tensor]]:
         """Per-exit losses, each summed over the batch.
 
         ``exit_layers`` limits which exits get a loss (e.g. only the last for a single-exit
         model); the encoder runs only up to the highest of them. Exits that share a frame count
         (every exit of a one-rate early-exit stack) go through each loss in one call, stacked along
-        the batch; exits that differ in length fall back to one call each.
+        the batch; exits that differ in length fall back to one call each. ``exit_outputs``: a list
+        that receives the encoder's ``(exit layer, out, lens)``, for a caller that decodes them too
+        (validation's WER) without a second encoder pass.
         """
         wanted = list(self.exits) if exit_layers is None else sorted(set(exit_layers))
         for e in wanted:
@@ -286,6 +289,8 @@ class AsrModel(nn.Module):
         if len(targets) != features.size(0):
             raise ValueError(f"{len(targets)} transcripts for a batch of {features.size(0)} utterances")
         outs = self.encode_exits(features, feature_lens, max_exit=max(wanted))
+        if exit_outputs is not None:
+            exit_outputs.extend(outs)
         return self.losses_from_exits(outs, targets, prune_range, am_scale, lm_scale, wanted)
 
     def losses_from_exits(

@@ -193,14 +193,8 @@ class Trainer:
         feat_lens = input_lens(sup).to(self.device)
         y = self.tokenizer.encode(list(sup["text"]))
         with self.autocast():
-            if outputs is None:
-                out = model(feats, feat_lens, y, prune_range=self.args.prune_range, am_scale=self.args.am_scale,
-                            lm_scale=self.args.lm_scale, exit_layers=self.exit_layers)
-            else:  # what AsrModel.forward does, keeping the encoder outputs
-                outputs.extend(model.encode_exits(feats, feat_lens, max_exit=max(self.exit_layers or model.exits)))
-                out = model.losses_from_exits(outputs, y, prune_range=self.args.prune_range,
-                                              am_scale=self.args.am_scale, lm_scale=self.args.lm_scale,
-                                              exit_layers=self.exit_layers)
+            out = model(feats, feat_lens, y, prune_range=self.args.prune_range, am_scale=self.args.am_scale,
+                        lm_scale=self.args.lm_scale, exit_layers=self.exit_layers, exit_outputs=outputs)
         step = self.args.warm_step if final_scales else self.batch_idx_train
         s_simple, s_pruned = warmup_scales(step, self.args.warm_step, self.args.simple_loss_scale)
         loss, info = combine_losses(out, weights, s_simple, s_pruned, self.args.ctc_loss_scale)
