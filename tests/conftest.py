@@ -31,8 +31,7 @@ def an4_recipe_runs(an4_data, tmp_path_factory, request):
     the first time one is asked for, so that they train side by side."""
     from an4_fixture import RecipeRuns
 
-    data = an4_data
     selected = {str(Path(str(item.fspath)).resolve()) for item in request.session.items}
-    runs = RecipeRuns(tmp_path_factory.mktemp("recipe_runs"), data, selected)
+    runs = RecipeRuns(tmp_path_factory.mktemp("recipe_runs"), an4_data, selected)
     yield runs
     runs.stop()
