@@ -6,5 +6,6 @@ cd "$(dirname "$0")"
 source tools/env.sh
 if [ "${CI:-}" = "true" ] || [ "${SPLITFORMER_BUILD_FAST_RNNT:-0}" = "1" ]; then
   bash tools/install_fast_rnnt.sh
+  bash tools/install_browser.sh
 fi
 python -m pytest -q "$@" tests

@@ -34,10 +34,10 @@ from splitformer.decoding.cli import (add_checkpoint_arguments, add_chunk_argume
 from splitformer.decoding.exits import parse_threshold, pick_under_budget
 from splitformer.decoding.loading import (DecodeSetupError, apply_chunking, load_model, load_tokenizer, test_cuts,
                                          test_sets)
-from splitformer.decoding.results import fmt_macs, run_tag, update_results_json, word_error_rate, write_run
+from splitformer.decoding.results import fmt_macs, run_tag, update_results_json, write_run
 from splitformer.decoding.runner import default_scorer
-from splitformer.decoding.streaming import (ChunkCosts, ChunkExitRule, StreamingDecoder, chunk_costs,
-                                            cut_utterances, stream_words, threshold_candidates)
+from splitformer.decoding.streaming import (ChunkCosts, ChunkExitRule, StreamingDecoder, budget_curve, chunk_costs,
+                                            cut_utterances, stream_words)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -203,16 +203,10 @@ def choose_threshold(model, tokenizer, args: argparse.Namespace, costs: Optional
     WER, each candidate decoded there exactly as the test sets will be (per-chunk decisions, costs counted the
     same way). Candidates: quantiles of the chunks' scores in one all-exit pass."""
     cuts = test_cuts(args.manifest_dir, args.dataset, args.budget_set)
-    audio_s = float(sum(c.duration for c in cuts)) or 1.0
-    trace = _decoder(model, args, "all", _rule(model, args, 0.0), costs).decode(
-        cut_utterances(cuts), progress=_bar(len(cuts), f"{args.budget_set} scores"))
-    rows = []
-    for t in threshold_candidates(trace, args.exit_strategy, args.budget_thresholds):
-        dec = _decoder(model, args, None, _rule(model, args, t), costs)
-        res = dec.decode(cut_utterances(cuts), progress=_bar(len(cuts), f"{args.budget_set} T={t:.4g}"))
-        wer, _ = word_error_rate(stream_words(res, tokenizer, 0))
-        rows.append(dict(threshold=t, wer=wer, cost=sum(r.macs for r in res) / audio_s))
-        logging.info(f"{args.budget_set}: threshold {t:.6g} WER {wer:.2f}% MACs/s {fmt_macs(rows[-1]['cost'])}")
+    rows = budget_curve(lambda layer, t: _decoder(model, args, layer, _rule(model, args, t), costs),
+                        lambda: cut_utterances(cuts), float(sum(c.duration for c in cuts)), tokenizer,
+                        args.exit_strategy, args.budget_thresholds,
+                        bar=lambda desc: _bar(len(cuts), f"{args.budget_set} {desc}"))
     try:
         best = pick_under_budget(rows, args.exit_budget_macs)
     except ValueError as e:

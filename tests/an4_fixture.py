@@ -49,13 +49,33 @@ def recipe_command(exp: Path, data: Path, model_args: List[str], epochs: int) ->
             "--progress-bar", "false", "--tensorboard", "false"]
 
 
-# The models that test modules train with the recipe: name -> (the module's file, model flags, epochs). A module
-# registers its run at import; the session starts every run whose module has selected tests, side by side.
-_RUNS: Dict[str, Tuple[str, List[str], int]] = {}
+# The models that test modules train with the recipe: name -> (the files of the modules that use it, model flags,
+# epochs). A module registers its run at import (several modules may share one); the session starts every run
+# that a module with selected tests uses, side by side.
+_RUNS: Dict[str, Tuple[Set[str], List[str], int]] = {}
 
 
 def recipe_run(name: str, module_file: str, model_args: List[str], epochs: int) -> None:
-    _RUNS[name] = (str(Path(module_file).resolve()), list(model_args), epochs)
+    files, args, n = _RUNS.get(name, (set(), list(model_args), epochs))
+    assert (args, n) == (list(model_args), epochs), f"recipe run {name!r} is registered twice with other flags"
+    _RUNS[name] = (files | {str(Path(module_file).resolve())}, args, n)
+
+
+class CausalRecipe(NamedTuple):
+    """The small causal Splitformer that the streaming and serving tests train with run.sh's recipe (one run,
+    "causal", shared), and the chunking they stream it with."""
+
+    flags: List[str]
+    epochs: int
+    chunk: int  # 320 ms chunks (40 ms frames)
+    left: int  # 1.28 s of left context
+    avg: List[str]
+
+
+CAUSAL = CausalRecipe(["--preset", "splitformer-cpu-causal", "--num-encoder-layers", "4", "--exit-layers", "2,4",
+                       "--split-blocks", "0,1", "--encoder-dim", "64", "--encoder-unmasked-dim", "64",
+                       "--feedforward-dim", "128", "--chunk-exit-prob", "0.5"],
+                      5, 8, 32, ["--epoch", "5", "--avg", "2", "--use-averaged-model"])
 
 
 class RecipeRuns:
@@ -64,7 +84,7 @@ class RecipeRuns:
     after the other), each waited for by the module that uses it."""
 
     def __init__(self, root: Path, data: Path, selected_files: Set[str]) -> None:
-        wanted = {n: r for n, r in sorted(_RUNS.items()) if r[0] in selected_files}
+        wanted = {n: r for n, r in sorted(_RUNS.items()) if r[0] & selected_files}
         threads = "1" if len(wanted) > 1 else "2"
         self.procs: Dict[str, Tuple[Path, Path, subprocess.Popen]] = {}
         for name, (_, args, epochs) in wanted.items():

@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from an4_fixture import recipe_run
+from an4_fixture import CAUSAL, recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 5
-CHUNK, LEFT = 8, 32  # 320 ms chunks, 1.28 s of left context (40 ms frames)
-SMALL = ["--preset", "splitformer-cpu-causal", "--num-encoder-layers", "4", "--exit-layers", "2,4",
-         "--split-blocks", "0,1", "--encoder-dim", "64", "--encoder-unmasked-dim", "64", "--feedforward-dim", "128",
-         "--chunk-exit-prob", "0.5"]
-recipe_run("causal", __file__, SMALL, EPOCHS)
-AVG = ["--epoch", str(EPOCHS), "--avg", "2", "--use-averaged-model"]
+EPOCHS, CHUNK, LEFT, AVG = CAUSAL.epochs, CAUSAL.chunk, CAUSAL.left, CAUSAL.avg
+recipe_run("causal", __file__, CAUSAL.flags, EPOCHS)
 
 
 @pytest.fixture(scope="module")

@@ -59,12 +59,11 @@ def resample(samples: np.ndarray, sr: int, target: int = SAMPLE_RATE) -> np.ndar
     return out.squeeze(0).numpy().astype(np.float32)
 
 
-def fbank(samples: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """(num_frames, 80) log-mel features, lhotse Fbank-compatible. Empty audio gives (0, 80)."""
+def fbank_options(sr: int = SAMPLE_RATE):
+    """kaldi-native-fbank options matching lhotse's default ``FbankConfig`` (one place for the offline and the
+    online computer, see :func:`fbank` and :func:`online_fbank`)."""
     import kaldi_native_fbank as knf
 
-    if samples.size == 0:
-        return np.zeros((0, NUM_BINS), dtype=np.float32)
     opts = knf.FbankOptions()
     opts.frame_opts.samp_freq = sr
     opts.frame_opts.dither = 0.0
@@ -80,7 +79,22 @@ def fbank(samples: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     opts.mel_opts.high_freq = -400.0
     opts.energy_floor = 1e-10
     opts.use_energy = False
-    comp = knf.OnlineFbank(opts)
+    return opts
+
+
+def online_fbank(sr: int = SAMPLE_RATE):
+    """A feature computer that takes audio as it arrives (``accept_waveform``) and gives the frames
+    :func:`fbank` gives for the whole of it, each as soon as its window is complete."""
+    import kaldi_native_fbank as knf
+
+    return knf.OnlineFbank(fbank_options(sr))
+
+
+def fbank(samples: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """(num_frames, 80) log-mel features, lhotse Fbank-compatible. Empty audio gives (0, 80)."""
+    if samples.size == 0:
+        return np.zeros((0, NUM_BINS), dtype=np.float32)
+    comp = online_fbank(sr)
     comp.accept_waveform(sr, samples.tolist())
     comp.input_finished()
     n = comp.num_frames_ready

@@ -60,6 +60,28 @@ def threshold_candidates(trace: Sequence["StreamResult"], strategy: str, points:
     return thresholds_between([v for r in trace for chunk in r.chunk_scores for v in chunk], max(points - 2, 1))
 
 
+def budget_curve(make_decoder: Callable[[Optional[str], float], "StreamingDecoder"],
+                 utterances: Callable[[], Iterable[Utterance]], audio_seconds: float, tokenizer, strategy: str,
+                 points: int, bar: Optional[Callable[[str], Callable[[int], None]]] = None) -> List[Dict[str, float]]:
+    """(threshold, wer, cost in MACs per second of audio) of ``points`` thresholds of ``strategy``, each decoded
+    over ``utterances`` exactly as a run with it decodes (per-chunk decisions, costs counted the same way), so
+    that a budget met here is met by the same procedure elsewhere. Candidates: quantiles of the chunk scores of
+    one all-exit pass. ``make_decoder(exit_layer, threshold)`` gives the decoder ("all" for that pass, None for a
+    per-chunk run); ``utterances()`` a fresh iterable each time; ``bar(desc)`` a progress callback."""
+    import logging
+
+    from splitformer.decoding.results import fmt_macs, word_error_rate
+
+    trace = make_decoder("all", 0.0).decode(utterances(), progress=bar("scores") if bar else None)
+    rows = []
+    for t in threshold_candidates(trace, strategy, points):
+        res = make_decoder(None, t).decode(utterances(), progress=bar(f"T={t:.4g}") if bar else None)
+        wer, _ = word_error_rate(stream_words(res, tokenizer, 0))
+        rows.append(dict(threshold=t, wer=wer, cost=sum(r.macs for r in res) / (audio_seconds or 1.0)))
+        logging.info(f"{strategy} threshold {t:.6g}: WER {wer:.2f}% MACs/s {fmt_macs(rows[-1]['cost'])}")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ searches
 class ExitSearch:
     """One decoding method that goes on chunk after chunk, reading each chunk at the exit it stopped at."""
@@ -173,8 +195,11 @@ class ChunkExitRule:
         scores = exit_score(self.strategy, path, lens)
         return scores.double().cpu(), (new if search.method == "greedy_search" else None)
 
-    def stops(self, scores: Tensor) -> Tensor:
-        return torch.tensor([stops(self.strategy, float(s), self.threshold) for s in scores], dtype=torch.bool)
+    def stops(self, scores: Tensor, thresholds: Optional[Sequence[Optional[float]]] = None) -> Tensor:
+        """Which chunks stop; ``thresholds``: one per chunk where streams set their own (None: the rule's)."""
+        ts = thresholds if thresholds is not None else [None] * len(scores)
+        return torch.tensor([stops(self.strategy, float(s), self.threshold if t is None else t)
+                             for s, t in zip(scores, ts)], dtype=torch.bool)
 
 
 # ------------------------------------------------------------------------------------------ costs
@@ -268,6 +293,10 @@ class _Live:
     chunk_exits: List[int] = field(default_factory=list)
     macs: float = 0.0
     scores: List[List[float]] = field(default_factory=list)
+    threshold: Optional[float] = None  # this stream's own threshold (a live server's per-connection budget)
+
+
+OPEN_ENDED = 10 ** 9  # front-end frames of a live stream whose end is not known yet
 
 
 class StreamingDecoder:
@@ -363,9 +392,25 @@ class StreamingDecoder:
         n = utt.feats.shape[0]
         return _Live(utt, self.front_frames(n), self.num_chunks(n), searches)
 
+    def open(self, utt: Utterance) -> _Live:
+        """A live stream whose frames keep coming (``utt.feats`` grows): it runs chunks while :meth:`step` is
+        given it, until :meth:`close` tells it how many frames it has in all."""
+        s = self._join(utt)
+        s.front_len = s.num_chunks = OPEN_ENDED
+        return s
+
+    def close(self, s: _Live) -> None:
+        """The live stream ``s`` has all its frames in ``s.utt.feats``: its last chunks are known now."""
+        n = s.utt.feats.shape[0]
+        s.front_len, s.num_chunks = self.front_frames(n), self.num_chunks(n)
+
+    def tokens(self, s: _Live, key: int = 0) -> List[int]:
+        """The best hypothesis of stream ``s`` so far."""
+        return self.search.hyp(s.searches[key]).tokens
+
     def _result(self, s: _Live) -> StreamResult:
         """Token ids per exit read (key 0: the one search of a fixed or dynamic run)."""
-        tokens = {e: self.search.hyp(st).tokens for e, st in s.searches.items()}
+        tokens = {e: self.tokens(s, e) for e in s.searches}
         return StreamResult(s.utt.cut_id, s.utt.ref, s.utt.duration, tokens, s.chunk_exits, s.macs, s.scores)
 
     # ---------------------------------------------------------------- one chunk of every live stream
@@ -449,7 +494,7 @@ class StreamingDecoder:
                 continue
             states = [live[i].searches[0] for i in members]
             scores, reuse = self.rule.score(e, out, x_lens, self.search, states)
-            stop = self.rule.stops(scores)
+            stop = self.rule.stops(scores, [live[i].threshold for i in members])
             if not bool(stop.any()):
                 continue
             rows = stop.nonzero().flatten()
