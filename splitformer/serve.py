@@ -51,6 +51,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=6006)
     p.add_argument("--max-streams", type=int, default=64, help="concurrent streams; more are refused")
     p.add_argument("--max-batch", type=int, default=64, help="chunks decoded side by side in one step")
+    p.add_argument("--batch-wait-ms", type=float, default=100.0,
+                   help="how long a ready chunk waits for other streams' chunks to batch with (adds at most this "
+                        "to the delay of a partial result; batches cost far less per chunk)")
     p.add_argument("--endpoint-seconds", type=float, default=1.2,
                    help="a pause (chunks that add no token) after some words that ends an utterance")
     return p
@@ -74,7 +77,7 @@ def build_engine(args: argparse.Namespace):
     try:
         engine = Engine(model, load_tokenizer(bpe), args.chunk_size, args.left_context_frames, args.decoding_method,
                         args.beam_size, args.exit_scorer or default_scorer(model), args.exit_nbest, args.max_batch,
-                        args.endpoint_seconds)
+                        args.endpoint_seconds, batch_wait=args.batch_wait_ms / 1000)
     except ValueError as e:
         raise DecodeSetupError(str(e)) from None
     strategies = [s for s in args.strategies.split(",") if s]

@@ -54,6 +54,14 @@ class StreamState:
                            [[t.index_select(0, idx) for t in part] for part in self.parts],
                            self.processed.index_select(0, idx), self.chunks.index_select(0, idx))
 
+    def split(self) -> List["StreamState"]:
+        """One state per stream, each a view into this one (no copy: cheaper than a :meth:`select` per stream)."""
+        n = self.batch
+        front = [None] * n if self.front is None else list(self.front.split(1))
+        parts = [[list(t.split(1)) for t in part] for part in self.parts]
+        return [StreamState(front[i], [[ts[i] for ts in part] for part in parts], self.processed[i: i + 1],
+                            self.chunks[i: i + 1]) for i in range(n)]
+
     def assign(self, idx: Tensor, sub: "StreamState") -> None:
         """Write ``sub`` (the streams at ``idx``) back in place."""
         if self.front is not None:

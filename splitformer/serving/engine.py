@@ -59,18 +59,20 @@ class Engine:
     """The model, its decoders (one per fixed exit and per criterion) and the live streams.
 
     ``curves``: per criterion, its budget curve on dev (see :meth:`calibrate`); a criterion without one takes
-    thresholds only. ``endpoint_seconds``: a pause (chunks that add no token) after some words that ends an
+    thresholds only. ``batch_wait``: how long a ready chunk may wait for others to batch with (see :meth:`run`).
+    ``endpoint_seconds``: a pause (chunks that add no token) after some words that ends an
     utterance; ``idle_seconds``: the same with no words yet (the utterance ends empty).
     """
 
     def __init__(self, model, tokenizer, chunk: int, left: int, method: str = "greedy_search", beam: int = 4,
                  scorer: str = "ctc", nbest: int = 4, max_batch: int = 64, endpoint_seconds: float = 1.2,
-                 idle_seconds: float = 8.0) -> None:
+                 idle_seconds: float = 8.0, batch_wait: float = 0.1) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.chunk, self.left = chunk, left
         self.method, self.beam, self.scorer, self.nbest = method, beam, scorer, nbest
         self.max_batch = max_batch
+        self.batch_wait = batch_wait
         self.endpoint_seconds, self.idle_seconds = endpoint_seconds, idle_seconds
         self.exits = list(model.exits)
         self.curves: Dict[str, List[Dict[str, float]]] = {}
@@ -187,16 +189,44 @@ class Engine:
                     steps=self.steps, chunk_seconds=self.chunk_seconds, full_macs_per_second=self.full_cost)
 
     def run(self, stop: threading.Event) -> None:
-        """The worker loop: steps while any stream has a chunk ready, sleeps until audio comes otherwise."""
+        """The worker loop. A chunk that is ready waits up to ``batch_wait`` seconds for other streams' chunks to
+        join its batch (unless every stream, or ``max_batch`` of them, is ready): streams speak out of step, and a
+        batch of many chunks costs far less per chunk than one chunk alone."""
+        first_ready: Optional[float] = None
         while not stop.is_set():
-            if self.step() == 0:
+            ready, active = self.poll()
+            if ready == 0:
+                first_ready = None
                 self.wake.wait(0.05)
                 self.wake.clear()
+                continue
+            now = time.perf_counter()
+            first_ready = now if first_ready is None else first_ready
+            left = self.batch_wait - (now - first_ready)
+            if ready < min(active, self.max_batch) and left > 0:
+                self.wake.wait(min(left, 0.01))
+                self.wake.clear()
+                continue
+            self.step()
+            first_ready = None
+
+    def poll(self) -> Tuple[int, int]:
+        """Takes in what every stream was sent; returns (streams with a chunk ready, streams)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            streams = list(self.streams)
+        ready = 0
+        for s in streams:
+            s.take_in()
+            ready += not s.closed and (s.ready() or s.finished())
+        self.busy_seconds += time.perf_counter() - t0
+        return ready, len(streams)
 
     @torch.no_grad()
     def step(self) -> int:
         """Takes in what every stream was sent, then runs one chunk of every stream that has one ready (batched by
         what they run). Returns how many chunks ran."""
+        t_start = time.perf_counter()
         with self._lock:
             streams = list(self.streams)
         groups: Dict[Key, List[LiveStream]] = {}
@@ -209,7 +239,6 @@ class Engine:
             dec = self.decoder(key)
             for i in range(0, len(group), self.max_batch):
                 part = group[i: i + self.max_batch]
-                t0 = time.perf_counter()
                 try:
                     self._run(dec, part)
                 except Exception as e:  # a model failure fails these streams, not the server
@@ -217,7 +246,6 @@ class Engine:
                     for s in part:
                         s.fail(f"decoding failed: {type(e).__name__}: {e}")
                     continue
-                self.busy_seconds += time.perf_counter() - t0
                 ran += len(part)
                 for s in part:
                     s.after_chunk(dec)
@@ -228,6 +256,7 @@ class Engine:
             self.streams = [s for s in self.streams if not s.closed]
         self.chunks_run += ran
         self.steps += bool(ran)
+        self.busy_seconds += time.perf_counter() - t_start  # features, decoding, results: all the worker does
         return ran
 
     @staticmethod
@@ -237,8 +266,8 @@ class Engine:
             return
         state = StreamState.cat([s.state for s in part])
         dec.step([s.live for s in part], state)
-        for j, s in enumerate(part):
-            s.state = state.select(torch.tensor([j]))
+        for s, own in zip(part, state.split()):
+            s.state = own
 
 
 class LiveStream:
