@@ -15,7 +15,8 @@ ended by ``end``), for ``--seconds``. Per N and setting it prints:
 - delay p50/p95: seconds from sending the last sample a chunk needs to receiving its partial result;
 - batch: chunks per decoding step (streams decoded side by side);
 - server, clients: CPU seconds per wall second of the server process and of this one (2.0: both cores);
-- real time: whether the server kept up: p95 delay under ``--max-delay`` seconds and every final in.
+- failed: files whose stream could not even open (no handshake within 10 s: the server's loop is starved);
+- real time: whether the server kept up: p95 delay under ``--max-delay`` seconds, every final in, nothing failed.
 
 ``--agreement`` first streams every test file once (one client at a time, as fast as the server goes) at the last
 exit and compares the server's words with those of streaming_decode.py's decoder on the prepared features.
@@ -54,10 +55,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="how long the clients speak at each N")
     p.add_argument("--budget", type=float, default=0.5, help="the budget setting (fraction of the last exit)")
     p.add_argument("--strategy", type=str, default="confidence")
+    p.add_argument("--exit-scorer", type=str, default=None, help="serve.py --exit-scorer (default: serve.py's)")
     p.add_argument("--max-delay", type=float, default=1.0, help="p95 partial delay (s) still called real time")
     p.add_argument("--num-threads", type=int, default=2, help="the server's torch threads")
     p.add_argument("--port", type=int, default=6116)
     p.add_argument("--budget-only", action="store_true", help="measure the budget setting only")
+    p.add_argument("--server-log", type=Path, default=Path("/tmp/serve_load-server.log"), help="the server's log")
     p.add_argument("--agreement", action="store_true", help="also compare words with streaming_decode.py's")
     return p
 
@@ -69,25 +72,33 @@ def start_server(args) -> subprocess.Popen:
            "--num-threads", str(args.num_threads), "--strategies", args.strategy, "--max-streams", "256"]
     if args.use_averaged_model:
         cmd.append("--use-averaged-model")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "serving" in line and "http://" in line:
+    if args.exit_scorer:
+        cmd += ["--exit-scorer", args.exit_scorer]
+    log = open(args.server_log, "w")  # a file, not a pipe: an unread pipe fills up and stalls the server's logging
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    end = time.monotonic() + 600
+    while time.monotonic() < end and proc.poll() is None:
+        if "serving" in Path(args.server_log).read_text():
             return proc
-        if proc.poll() is not None:
-            break
-    raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not start ({args.server_log}): {' '.join(cmd)}")
 
 
 def stats(port: int) -> Dict:
     return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats").read())
 
 
-async def speaker(url: str, files: Sequence[np.ndarray], start: Dict, until: float, first: int, out: List) -> None:
+async def speaker(url: str, files: Sequence[np.ndarray], start: Dict, until: float, first: int, out: List,
+                  failed: List) -> None:
     await asyncio.sleep(random.random())  # clients do not all start on the same 100 ms
     i = first
     while time.perf_counter() < until:
         x = files[i % len(files)]
-        out.append((len(x) / 16000, await stream_audio(url, x, dict(start, endpoint=False), realtime=1.0)))
+        try:
+            out.append((len(x) / 16000, await stream_audio(url, x, dict(start, endpoint=False), realtime=1.0)))
+        except (OSError, asyncio.TimeoutError) as e:  # refused, or no handshake in time: the server did not keep up
+            failed.append(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(1.0)
         i += 1
 
 
@@ -103,16 +114,17 @@ async def load(url: str, port: int, files, start: Dict, n: int, seconds: float, 
     before, t0 = stats(port), time.perf_counter()
     cpu0, mine0 = cpu_seconds(pid), time.process_time()
     sessions: List = []
-    await asyncio.gather(*[speaker(url, files, start, t0 + seconds, k * 7, sessions) for k in range(n)])
+    failed: List[str] = []
+    await asyncio.gather(*[speaker(url, files, start, t0 + seconds, k * 7, sessions, failed) for k in range(n)])
     after, wall = stats(port), time.perf_counter() - t0
     server_cpu, client_cpu = (cpu_seconds(pid) - cpu0) / wall, (time.process_time() - mine0) / wall
     busy = after["busy_seconds"] - before["busy_seconds"]
     audio = sum(a for a, _ in sessions)
-    delays = [d for _, s in sessions for d in s.delays()]
-    complete = all(s.of("final") and s.of("final")[-1]["last"] for _, s in sessions)
+    delays = [d for _, s in sessions for d in s.delays()] or [float("nan")]
+    complete = not failed and all(s.of("final") and s.of("final")[-1]["last"] for _, s in sessions)
     batch = (after["chunks"] - before["chunks"]) / max(after["steps"] - before["steps"], 1)
     return dict(batch=batch, server_cpu=server_cpu, client_cpu=client_cpu, load=busy / wall, rtf=busy / audio, p50=float(np.percentile(delays, 50)),
-                p95=float(np.percentile(delays, 95)), complete=complete, files=len(sessions))
+                p95=float(np.percentile(delays, 95)), complete=complete, files=len(sessions), failed=len(failed))
 
 
 def agreement(args, url: str) -> None:
@@ -145,7 +157,7 @@ def agreement(args, url: str) -> None:
     print(f"agreement at exit {model.exits[-1]}: {same}/{len(cuts)} test files give streaming_decode.py's words "
           f"(server WER {100 * refs_err[0] / n_words:.2f}%, streaming_decode.py's decoder "
           f"{100 * refs_err[1] / n_words:.2f}%; the server computes features from the audio with "
-          "kaldi-native-fbank, the manifests hold lhotse's)")
+          "kaldi-native-fbank, the manifests hold lhotse's)", flush=True)
 
 
 def main() -> int:
@@ -160,10 +172,10 @@ def main() -> int:
         info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{args.port}/info").read())
         if args.agreement:
             agreement(args, url)
-        print(f"{args.exp_dir} · {info['chunk_ms']} ms chunks · server on {args.num_threads} threads · "
-              f"{args.seconds:g} s per load")
+        print(f"{args.exp_dir} · {info['chunk_ms']} ms chunks · criteria read from {info['scorer']} · server on "
+              f"{args.num_threads} threads · {args.seconds:g} s per load")
         print(f"{'setting':<28} {'N':>4} {'load':>6} {'RTF':>7} {'p50 s':>7} {'p95 s':>7} {'files':>6} "
-              f"{'batch':>6} {'server':>7} {'clients':>7}  real time")
+              f"{'batch':>6} {'server':>7} {'clients':>7} {'failed':>6}  real time")
         settings = [(f"exit {info['exits'][-1]}", {"exit": info["exits"][-1]}),
                     (f"{args.strategy} budget {args.budget:g}", {"strategy": args.strategy, "budget": args.budget})]
         for name, start in settings[1:] if args.budget_only else settings:
@@ -171,7 +183,7 @@ def main() -> int:
                 r = asyncio.run(load(url, args.port, files, start, n, args.seconds, proc.pid))
                 ok = r["complete"] and r["p95"] <= args.max_delay
                 print(f"{name:<28} {n:>4} {r['load']:>6.2f} {r['rtf']:>7.4f} {r['p50']:>7.3f} {r['p95']:>7.3f} "
-                      f"{r['files']:>6} {r['batch']:>6.1f} {r['server_cpu']:>7.2f} {r['client_cpu']:>7.2f}  {'yes' if ok else 'NO'}", flush=True)
+                      f"{r['files']:>6} {r['batch']:>6.1f} {r['server_cpu']:>7.2f} {r['client_cpu']:>7.2f} {r['failed']:>6}  {'yes' if ok else 'NO'}", flush=True)
     finally:
         proc.terminate()
         proc.wait()

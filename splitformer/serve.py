@@ -100,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     from splitformer.serving.server import RecognitionServer
 
     engine, margs = build_engine(args)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per connection
     info = dict(model=str(args.exp_dir), preset=getattr(margs, "preset", None), epoch=args.epoch, avg=args.avg,
                 decoding_method=args.decoding_method, scorer=engine.scorer)
     server = RecognitionServer(engine, args.host, args.port, args.max_streams, info=info)

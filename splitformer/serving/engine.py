@@ -33,6 +33,7 @@ from splitformer.decoding.streaming import (OPEN_ENDED, ChunkCosts, ChunkExitRul
 from splitformer.model.streaming import StreamState
 
 Key = Tuple[str, object]  # ("fixed", exit layer) or ("dynamic", criterion)
+POLL = 0.01  # seconds between the worker's looks at the streams while none has a chunk ready
 
 
 class SettingsError(ValueError):
@@ -176,6 +177,7 @@ class Engine:
         s = LiveStream(self, name or f"s{id(publish):x}", settings, threshold, publish)
         with self._lock:
             self.streams.append(s)
+        self.wake.set()
         return s
 
     @property
@@ -197,15 +199,16 @@ class Engine:
             ready, active = self.poll()
             if ready == 0:
                 first_ready = None
-                self.wake.wait(0.05)
+                # looked at every POLL seconds, not at every message: a look takes in every stream's audio, and
+                # with N clients sending 10 messages a second, one look per message would cost N^2 of them
+                self.wake.wait(POLL if active else 0.5)
                 self.wake.clear()
                 continue
             now = time.perf_counter()
             first_ready = now if first_ready is None else first_ready
             left = self.batch_wait - (now - first_ready)
             if ready < min(active, self.max_batch) and left > 0:
-                self.wake.wait(min(left, 0.01))
-                self.wake.clear()
+                time.sleep(min(left, POLL))
                 continue
             self.step()
             first_ready = None
@@ -302,9 +305,8 @@ class LiveStream:
 
     # ---------------------------------------------------------------- connection side (any thread)
     def feed(self, samples: np.ndarray) -> None:
-        """16 kHz mono float samples in [-1, 1], as they arrive."""
+        """16 kHz mono float samples in [-1, 1], as they arrive (the worker looks every ``POLL`` seconds)."""
         self.inbox.put(("audio", samples))
-        self.engine.wake.set()
 
     def update(self, settings: Settings, threshold: Optional[float]) -> None:
         """New checked settings (see :meth:`Engine.resolve`), from the next chunk on."""
