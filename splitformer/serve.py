@@ -72,6 +72,11 @@ def build_engine(args: argparse.Namespace):
     model, margs = load_model(args)
     if args.device != "cpu":
         raise DecodeSetupError(f"the server decodes on the CPU; got --device {args.device}")
+    chunks = getattr(model.encoder, "chunks", None)
+    if chunks is None or not chunks.causal:
+        raise DecodeSetupError(f"{args.exp_dir} holds a model that attends to whole utterances; the server streams, "
+                               "so it needs a causal one (train.py --causal true; ./run.sh --streaming true --models "
+                               "splitformer-cpu-causal trains one)")
     apply_chunking(model, margs, args, streaming=True)
     bpe = args.bpe_model or Path(f"data/lang_bpe_{margs.vocab_size}/bpe.model")
     try:
