@@ -2,6 +2,7 @@
 // shows the transcript, the exit each chunk took, and the compute spent against the budget.
 // No build step: plain browser JavaScript. URL parameters (for demos and the browser test):
 //   ?mode=exit:12 | ?mode=strategy:confidence   &budget=0.5   &autostart=1 (start the microphone at once)
+//   &endpoint=0 (no pause ends an utterance: one until Stop)
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -44,6 +45,10 @@ function settings() {
   const v = $("mode").value;
   if (v.startsWith("exit:")) return { exit: Number(v.slice(5)) };
   return { strategy: v.slice(9), budget: Number($("budget").value) };
+}
+
+function streamSettings() { // ?endpoint=0: one utterance until Stop (no pause ends it)
+  return { ...settings(), endpoint: params.get("endpoint") !== "0" };
 }
 
 function showBudget() {
@@ -99,7 +104,9 @@ function connect() {
     ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/`);
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
-      ws.send(JSON.stringify({ type: "start", sample_rate: 16000, format: "f32le", ...settings() }));
+      ws.send(JSON.stringify({ type: "start", sample_rate: 16000, format: "f32le", ...streamSettings() }));
+      for (const b of backlog) ws.send(b);
+      backlog = [];
       resolve();
     };
     ws.onmessage = (e) => handle(JSON.parse(e.data));
@@ -111,11 +118,22 @@ function connect() {
   });
 }
 
+let backlog = []; // audio captured while the connection opens: sent once it is open, so no word is cut
+
 function send(samples) {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(new Float32Array(samples).buffer);
+  const data = new Float32Array(samples).buffer;
+  if (ws && ws.readyState === WebSocket.OPEN) {
+    for (const b of backlog) ws.send(b);
+    backlog = [];
+    ws.send(data);
+  } else if (!ws || ws.readyState === WebSocket.CONNECTING) {
+    backlog.push(data);
+  }
 }
 
 async function startMic() {
+  ws = null; // what the microphone says before the new connection opens waits in the backlog
+  backlog = [];
   try {
     const media = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
@@ -177,6 +195,8 @@ function stopAudio() {
 
 function end() {
   stopAudio();
+  if (ws && ws.readyState === WebSocket.OPEN) for (const b of backlog) ws.send(b);
+  backlog = [];
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end" }));
   status("finishing…");
 }
