@@ -61,6 +61,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=6116)
     p.add_argument("--budget-only", action="store_true", help="measure the budget setting only")
     p.add_argument("--server-log", type=Path, default=Path("/tmp/serve_load-server.log"), help="the server's log")
+    p.add_argument("--engine-only", action="store_true",
+                   help="no server: time the engine decoding 32 streams that all have their audio (3 s each) at "
+                        "once, per chunk, at the last exit and at the budget (what batching alone gives)")
     p.add_argument("--agreement", action="store_true", help="also compare words with streaming_decode.py's")
     return p
 
@@ -160,8 +163,47 @@ def agreement(args, url: str) -> None:
           "kaldi-native-fbank, the manifests hold lhotse's)", flush=True)
 
 
+def engine_only(args) -> None:
+    """Milliseconds per chunk when 32 streams are decoded in full batches by the engine alone."""
+    import torch
+
+    from splitformer.serve import build_engine, get_parser as serve_parser
+    from splitformer.serving.engine import Settings
+
+    flags = ["--exp-dir", str(args.exp_dir), "--epoch", str(args.epoch), "--avg", str(args.avg), "--chunk-size",
+             str(args.chunk_size), "--left-context-frames", str(args.left_context_frames), "--manifest-dir",
+             str(args.manifest_dir), "--strategies", args.strategy] + (["--use-averaged-model"] if
+                                                                       args.use_averaged_model else [])
+    if args.exit_scorer:
+        flags += ["--exit-scorer", args.exit_scorer]
+    torch.set_num_threads(args.num_threads)
+    engine, _ = build_engine(serve_parser().parse_args(flags))
+    from lhotse import CutSet
+
+    cuts = CutSet.from_file(args.manifest_dir / "an4_cuts_test.jsonl.gz").subset(first=32)
+    files = [file_samples(Path(c.recording.sources[0].source))[0][: 16000 * 3] for c in cuts]
+    for name, settings in [(f"exit {engine.exits[-1]}", Settings(exit_layer=engine.exits[-1], endpoint=False)),
+                           (f"{args.strategy} budget {args.budget:g}",
+                            Settings(strategy=args.strategy, budget=args.budget, endpoint=False))]:
+        times = []
+        for _ in range(3):
+            for x in files:
+                s = engine.open(settings, lambda m: None)
+                s.feed(x)
+                s.end()
+            t0, c0 = time.perf_counter(), engine.chunks_run
+            while engine.active:
+                engine.step()
+            times.append((time.perf_counter() - t0) / (engine.chunks_run - c0))
+        print(f"engine alone, 32 streams in full batches, {name}: {1000 * sorted(times)[1]:.2f} ms per chunk "
+              f"(median of 3)", flush=True)
+
+
 def main() -> int:
     args = get_parser().parse_args()
+    if args.engine_only:
+        engine_only(args)
+        return 0
     from lhotse import CutSet
 
     cuts = CutSet.from_file(args.manifest_dir / "an4_cuts_test.jsonl.gz")

@@ -88,6 +88,9 @@ async def raw_session(url: str, *messages, wait: float = 5.0):
         try:
             for m in messages:
                 await ws.send(m)
+        except ConnectionClosed:
+            pass  # the server may refuse before all is sent: what it said is still to be read
+        try:
             while True:
                 got.append(json.loads(await asyncio.wait_for(ws.recv(), wait)))
         except ConnectionClosed:
@@ -153,12 +156,15 @@ def test_a_budget_picks_the_best_threshold_within_it_and_the_cheapest_below_ever
     utts = [Utterance(str(i), torch.from_numpy(fbank(x)), text.split()) for i, (x, text) in enumerate(speech)]
     rows = e.calibrate("confidence", utts, points=5)
     assert len(rows) >= 3 and any(math.isinf(r["threshold"]) for r in rows)
+    fitted = 0
     for budget in (0.3, 0.6, 1.0):
         t = e.threshold_for("confidence", budget)
         row = next(r for r in rows if r["threshold"] == t)
         fits = [r for r in rows if r["cost"] <= budget * e.full_cost]
         if fits:
+            fitted += 1
             assert row["cost"] <= budget * e.full_cost and row["wer"] == min(r["wer"] for r in fits)
+    assert fitted >= 2  # the budgets tried are not all below every threshold's cost
     cheapest = min(rows, key=lambda r: r["cost"])
     assert e.threshold_for("confidence", 0.01) == cheapest["threshold"]
     with pytest.raises(SettingsError, match=r"in \(0, 1\]"):

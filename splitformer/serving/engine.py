@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,17 +97,21 @@ class Engine:
 
     def decoder(self, key: Key) -> StreamingDecoder:
         """The decoder streams of ``key`` run in (made once; per-chunk thresholds are the streams' own)."""
-        if key in self._decoders:
-            return self._decoders[key]
-        kind, what = key
-        rule = self._rule(what) if kind == "dynamic" else None
-        dec = StreamingDecoder(self.model, self.chunk, self.left, self.method, self.beam,
-                               what if kind == "fixed" else None, rule, self.max_batch)
-        cost_key = what if kind == "dynamic" else "fixed"
+        if key not in self._decoders:
+            kind, what = key
+            self._decoders[key] = self._new_decoder(what if kind == "fixed" else None,
+                                                    self._rule(what) if kind == "dynamic" else None)
+        return self._decoders[key]
+
+    def _new_decoder(self, exit_layer, rule: Optional[ChunkExitRule]) -> StreamingDecoder:
+        """A decoder of this engine's chunking and search; its costs are counted once per kind (fixed, or each
+        criterion: thresholds do not change what a criterion costs)."""
+        dec = StreamingDecoder(self.model, self.chunk, self.left, self.method, self.beam, exit_layer, rule,
+                               self.max_batch)
+        cost_key = "fixed" if rule is None else rule.strategy
         if cost_key not in self._costs:
             self._costs[cost_key] = chunk_costs(dec.enc, rule, dec.search)
         dec.costs = self._costs[cost_key]
-        self._decoders[key] = dec
         return dec
 
     def calibrate(self, strategy: str, utterances: Sequence[Utterance], points: int = 8) -> List[Dict[str, float]]:
@@ -115,16 +119,10 @@ class Engine:
         streams are decoded, its WER and its MACs per second of audio."""
         self._check_strategy(strategy)
         audio = sum(u.feats.shape[0] for u in utterances) / 100.0
-        rows = budget_curve(lambda layer, t: self._calibration_decoder(strategy, layer, t), lambda: utterances,
+        rows = budget_curve(lambda layer, t: self._new_decoder(layer, self._rule(strategy, t)), lambda: utterances,
                             audio, self.tokenizer, strategy, points)
         self.curves[strategy] = rows
         return rows
-
-    def _calibration_decoder(self, strategy: str, layer, threshold: float) -> StreamingDecoder:
-        dec = StreamingDecoder(self.model, self.chunk, self.left, self.method, self.beam, layer,
-                               self._rule(strategy, threshold), self.max_batch)
-        dec.costs = self.decoder(("dynamic", strategy)).costs
-        return dec
 
     def _check_strategy(self, strategy: str) -> None:
         if strategy not in SCORED:
@@ -423,8 +421,3 @@ class LiveStream:
         if self.ended:
             dec.close(self.live)
 
-
-def stream_samples(samples: np.ndarray, piece: int = 1600) -> Iterable[np.ndarray]:
-    """``samples`` in pieces of ``piece`` samples (100 ms), as a client sends them."""
-    for i in range(0, len(samples), piece):
-        yield samples[i: i + piece]
