@@ -10,6 +10,9 @@ training augmentation for train.py --train-variants.
 The cut ids stay those of ``<split>``, so that compare.py can pair utterances across the variants. Writes
 ``<manifest-dir>/<dataset>_cuts_<variant>.jsonl.gz`` (cuts with the transform) and, through
 compute_fbank.py's ``compute_split``, ``<fbank-dir>/<dataset>_cuts_<variant>.jsonl.gz`` with features.
+
+These test sets are *matched* (the training variants' own function makes them) and are labelled so in
+``<fbank-dir>/<dataset>_conditions.json``; stage 7 (local/conditions.py) makes the unmatched ones.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from lhotse import CutSet
 from lhotse.utils import fastcopy
 
 from compute_fbank import _init_worker, compute_split
+from conditions import label, update_labels
 from prep_utils import atomic_to_file, cuts_path, die_empty, existing_cuts, record_rejects, setup_logging
 
 log = logging.getLogger("prepare")
@@ -94,6 +98,8 @@ def main() -> None:
             if n == 0:
                 die_empty(f"{args.dataset} {name}: no cut left")
             log.info("%s %s: %d cuts with fbank", args.dataset, name, n)
+        # matched: made by the function that makes the training variants (stage 7 makes the unmatched sets)
+        update_labels(args.fbank_dir, args.dataset, {f"{split}-{v}": label(split, v, True) for v in VARIANTS})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 # A recipe holds nothing but its corpus-specific steps: it sources this file, defines
 #   make_manifests  stage 1: write $manifest_dir/${dataset}_{recordings,supervisions}_<split>.jsonl.gz
 # (and get_corpus, stage 0, if the default below does not fit), then calls `run_stages "$@"`.
+# A recipe's own options: list their names in recipe_options (each a variable holding its default) and their
+# help in recipe_usage; they are parsed as --name-with-hyphens VALUE and belong to stage 1's settings, so that
+# changing one remakes the manifests and everything after them.
 # Stage 1 ends with local/make_cuts.py (the shared audio/transcript checks).
 #
 # A stage announces itself when it runs. It is skipped when its outputs exist and a marker in
@@ -14,14 +17,17 @@ PYTHON=${PYTHON:-python3}
 
 # defaults (every one can be given as --name value; dataset comes from the recipe or --dataset)
 stage=0
-stop_stage=6
+stop_stage=7
 corpus_dir=""
 data_dir=data
 download_dir=download
 num_jobs=$(nproc 2>/dev/null || echo 2); [ "$num_jobs" -gt 8 ] && num_jobs=8
 speed_perturb=false
 variants=false
+conditions=false
 vocab_size=""
+recipe_options=${recipe_options:-}
+recipe_usage=${recipe_usage:-}
 
 usage() {
   cat <<EOF
@@ -36,9 +42,14 @@ Usage: $0 [options]
   --speed-perturb BOOL add 0.9x/1.1x copies of the training cuts (default: ${speed_perturb})
   --variants BOOL      stage 6: narrowband (8 kHz and back) and silence-trimmed copies of the training and
                        test splits, as <split>-narrowband and <split>-trimmed: test sets for decode.py,
-                       and augmentation for train.py --train-variants (default: ${variants})
+                       and augmentation for train.py --train-variants (default: ${variants}). Labelled
+                       matched in <data-dir>/fbank/<dataset>_conditions.json
+  --conditions BOOL    stage 7: test sets under conditions no training run uses (unmatched), as
+                       <test split>-<condition>: telephone, babble10, babble20, reverb, speed0.9, speed1.1,
+                       quiet (see local/conditions.py); labelled unmatched in the same file (default: ${conditions})
   --vocab-size N       BPE pieces (default: the corpus's, see splitformer/data/recipes.py)
-Stages: 0 corpus, 1 manifests, 2 speed perturbation, 3 fbank, 4 BPE, 5 validation, 6 variants.
+${recipe_usage}Stages: 0 corpus, 1 manifests, 2 speed perturbation, 3 fbank, 4 BPE, 5 validation, 6 variants,
+7 unmatched test conditions.
 EOF
 }
 
@@ -64,8 +75,8 @@ parse_options() {
       --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
       --*)
         local name="${1#--}"; name="${name//-/_}"
-        case "$name" in
-          dataset|stage|stop_stage|corpus_dir|data_dir|download_dir|num_jobs|speed_perturb|variants|vocab_size) ;;
+        case " dataset stage stop_stage corpus_dir data_dir download_dir num_jobs speed_perturb variants conditions vocab_size $recipe_options " in
+          *" $name "*) ;;
           *) usage >&2; die "unknown option $1" ;;
         esac
         [ $# -ge 2 ] || die "option $1 needs a value"
@@ -75,8 +86,21 @@ parse_options() {
   done
   case "$speed_perturb" in true|false) ;; *) die "--speed-perturb must be true or false, not '$speed_perturb'" ;; esac
   case "$variants" in true|false) ;; *) die "--variants must be true or false, not '$variants'" ;; esac
+  case "$conditions" in true|false) ;; *) die "--conditions must be true or false, not '$conditions'" ;; esac
   [[ "$stage" =~ ^[0-9]+$ && "$stop_stage" =~ ^[0-9]+$ ]] || die "--stage/--stop-stage must be integers"
   [[ "$num_jobs" =~ ^[1-9][0-9]*$ ]] || die "--num-jobs must be a positive integer"
+}
+
+# the recipe's own options as name=value words (stage 1's settings: changing one remakes the manifests)
+recipe_settings() {
+  # recipe_unrecorded: "name=value" pairs that data prepared before the option existed was made with; they are
+  # left out of the settings, so that such a data dir is not remade for an option that changes nothing
+  local o out=""
+  for o in $recipe_options; do
+    case " ${recipe_unrecorded:-} " in *" $o=${!o} "*) continue ;; esac
+    out+=" $o=${!o}"
+  done
+  printf '%s' "$out"
 }
 
 # dataset facts from splitformer/data/recipes.py (one place for split names)
@@ -167,7 +191,8 @@ run_stages() {
 
   # ---- stage 1: manifests + checked cuts --------------------------------------------------------
   outs=(); for s in $splits; do outs+=("$manifest_dir/${dataset}_cuts_${s}.jsonl.gz" "$data_dir/${s}_rejected.txt"); done
-  if begin_stage 1 "lhotse manifests and audio/transcript checks" "corpus=$corpus_dir" "${outs[@]}"; then
+  local settings1; settings1="corpus=$corpus_dir$(recipe_settings)"
+  if begin_stage 1 "lhotse manifests and audio/transcript checks" "$settings1" "${outs[@]}"; then
     [ -n "$corpus_dir" ] || die "stage 1 needs the corpus: run stage 0 or give --corpus-dir"
     mkdir -p "$manifest_dir"
     for s in $splits; do rm -f "$data_dir/${s}_rejected.txt"; done  # reports start afresh with the manifests
@@ -175,7 +200,7 @@ run_stages() {
     # shellcheck disable=SC2086
     "$PYTHON" "$_root/local/make_cuts.py" --dataset "$dataset" --splits $splits \
       --manifest-dir "$manifest_dir" --data-dir "$data_dir" --num-jobs "$num_jobs"
-    end_stage 1 "corpus=$corpus_dir"
+    end_stage 1 "$settings1"
   fi
 
   # ---- stage 2: speed perturbation (optional) ---------------------------------------------------
@@ -227,6 +252,21 @@ run_stages() {
     fi
   elif [ 6 -ge "$stage" ] && [ 6 -le "$stop_stage" ]; then
     log "Stage 6: variants: off (--variants false), skipping"
+  fi
+
+  # ---- stage 7: unmatched test conditions (optional) -------------------------------------------------
+  local cond_names="telephone babble10 babble20 reverb speed0.9 speed1.1 quiet" c
+  if [ "$conditions" = true ]; then
+    outs=("$fbank_dir/${dataset}_conditions.json")
+    for s in $test_only_splits; do for c in $cond_names; do outs+=("$fbank_dir/${dataset}_cuts_${s}-${c}.jsonl.gz"); done; done
+    if begin_stage 7 "unmatched test conditions of [$test_only_splits]: $cond_names" "conditions" "${outs[@]}"; then
+      # shellcheck disable=SC2086
+      "$PYTHON" "$_root/local/conditions.py" --dataset "$dataset" --splits $test_only_splits --conditions $cond_names \
+        --manifest-dir "$manifest_dir" --fbank-dir "$fbank_dir" --data-dir "$data_dir" --num-jobs "$num_jobs"
+      end_stage 7 "conditions"
+    fi
+  elif [ 7 -ge "$stage" ] && [ 7 -le "$stop_stage" ]; then
+    log "Stage 7: unmatched test conditions: off (--conditions false), skipping"
   fi
   log "done: $dataset in $data_dir"
 }

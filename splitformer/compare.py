@@ -6,16 +6,23 @@ Splitformer): a markdown table and plots of WER against exit layer and against e
 
 Reads ``<exp-dir>/<decoding-method>/results-<set>.json`` as decode.py writes them and writes
 ``<out>/report.md``, ``<out>/results.tsv``, ``<out>/results.json`` and ``<out>/wer-<set>.png`` (one per
-test set). When several runs decoded the same experiment, set, method and exit, the newest one counts.
+test set). When several runs decoded the same weights, set, method and exit, the newest one counts.
+
+Weights: a directory decoded at several checkpoints (epoch or iter, --avg, --use-averaged-model) would mix
+them under one name, so compare.py stops and lists them unless --checkpoint picks one (or ``all``).
 
 Seeds: directories given the same display name (``--names``) are seeds of one system; its WER is the
-mean over seeds. Every WER gets a 95 % bootstrap interval that resamples utterances (and, with several
-seeds, seeds), and every pair of systems is compared at each exit they share with a paired bootstrap of
-the difference: a difference whose interval holds 0 is marked as inside the noise.
+mean over seeds. Every WER gets a 95 % interval from a two-stage bootstrap, speakers and then their
+utterances (and, with several seeds, seeds), so that it says how the WER would move on other voices as well
+as on other sentences; the speaker comes from the utterance id (AN4, LibriSpeech) or from a run's
+``utt_speakers``. Every pair of systems is compared at each exit they share with a paired bootstrap of the
+difference; the p-values of one pair, set and method are Holm-corrected across the exits, and a difference
+whose corrected p is 0.05 or more is marked as inside the noise.
 """
 import argparse
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +42,48 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
     p.add_argument("--wall-seconds", type=float, default=None,
                    help="wall time of the job that produced the results, stored in results.json")
+    p.add_argument("--checkpoint", type=str, default=None,
+                   help="which decoded weights to report where a directory holds several, spelled as decode.py's "
+                        "tags begin (epoch-30_avg-10_use-averaged-model, iter-...): one for every directory, a comma "
+                        "list in directory order (empty: that directory's only one), or 'all' (each its own system)")
+    p.add_argument("--conditions", type=Path, default=None,
+                   help="prepare.sh's test-set labels, data/fbank/<dataset>_conditions.json: headings say which sets "
+                        "are matched (made as training's variants) and which unmatched")
     return p
+
+
+# ------------------------------------------------------------------------------------------- speakers
+# AN4: an251-fash-b, cen1-fcaw-b (the middle field); LibriSpeech: 1089-134686-0000 (the first)
+_SPEAKER_PATTERNS = (re.compile(r"^(?:an|cen)\d+-([a-z]+\d*)-[a-z]+$"), re.compile(r"^(\d+)-\d+-\d+$"))
+
+
+def speaker_of(utt_id: str, known: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """The speaker of an utterance: from a run's ``utt_speakers`` when decode.py recorded it, else from the id's
+    pattern (AN4, LibriSpeech); None when neither says."""
+    if known and utt_id in known:
+        return known[utt_id]
+    for pattern in _SPEAKER_PATTERNS:
+        m = pattern.match(utt_id)
+        if m:
+            return m.group(1)
+    return None
+
+
+def speaker_groups(utts: Sequence[str], runs: Sequence[Dict] = ()) -> Tuple[List[List[int]], bool]:
+    """Indices of ``utts`` grouped by speaker (in first-seen order) and whether every speaker was known; an
+    utterance of unknown speaker is a group of its own (the bootstrap is then over utterances)."""
+    known: Dict[str, str] = {}
+    for r in runs:
+        known.update(r.get("utt_speakers") or {})
+    groups: Dict[str, List[int]] = {}
+    all_known = True
+    for i, u in enumerate(utts):
+        s = speaker_of(u, known)
+        if s is None:
+            all_known = False
+            s = f"\0{u}"  # its own group, never equal to a real speaker
+        groups.setdefault(s, []).append(i)
+    return list(groups.values()), all_known
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -48,24 +96,77 @@ def _error_table(seed_runs: Sequence[Dict], utts: Sequence[str]):
     return errs, refs
 
 
-def _draws(n_seeds: int, n_utts: int, draws: int, seed: int = 0):
-    """Bootstrap index draws: seeds (only resampled when there are several) and utterances."""
+def speaker_draws(groups: Sequence[Sequence[int]], n_utts: int, draws: int, seed: int = 0):
+    """(draws, utterances) counts of a two-stage bootstrap: the speakers drawn with replacement, then within
+    each drawn speaker as many of its utterances, drawn with replacement."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    s_idx = rng.integers(0, n_seeds, size=(draws, n_seeds)) if n_seeds > 1 else np.zeros((draws, 1), dtype=int)
-    u_idx = rng.integers(0, n_utts, size=(draws, n_utts))
-    return s_idx, u_idx
+    n_spk = len(groups)
+    sizes = np.array([len(g) for g in groups])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    members = np.array([u for g in groups for u in g], dtype=np.int64)
+    chosen = rng.integers(0, n_spk, size=(draws, n_spk))
+    per = sizes[chosen].ravel()
+    draw_of = np.repeat(np.arange(draws), sizes[chosen].sum(axis=1))
+    spk = np.repeat(chosen.ravel(), per)
+    pick = members[starts[spk] + (rng.random(spk.size) * sizes[spk]).astype(np.int64)]
+    weights = np.zeros((draws, n_utts))
+    np.add.at(weights, (draw_of, pick), 1.0)
+    return weights
 
 
-def _boot_wer(errs, refs, s_idx, u_idx):
+def seed_draws(n_seeds: int, draws: int, seed: int):
+    """Which seeds each draw averages (resampled only when there are several)."""
+    import numpy as np
+
+    if n_seeds == 1:
+        return np.zeros((draws, 1), dtype=int)
+    return np.random.default_rng(seed).integers(0, n_seeds, size=(draws, n_seeds))
+
+
+def _boot_wer(errs, refs, s_idx, weights):
     """WER (%) of each bootstrap draw: mean over the drawn seeds of corpus WER on the drawn utterances."""
     import numpy as np
 
-    e = errs[:, u_idx].sum(axis=2)  # (seeds, draws)
-    r = refs[:, u_idx].sum(axis=2)
+    e = errs @ weights.T  # (seeds, draws)
+    r = refs @ weights.T
     per_seed = 100.0 * e / np.maximum(r, 1.0)
     return np.take_along_axis(per_seed.T, s_idx, axis=1).mean(axis=1)
+
+
+def small_sample_factor(n_speakers: int) -> float:
+    """How much the bootstrap spread is widened: the spread of a mean over n resampled speakers is too small by
+    sqrt((n - 1) / n); with one speaker there is no spread over speakers to estimate (inf)."""
+    return math.inf if n_speakers < 2 else math.sqrt(n_speakers / (n_speakers - 1))
+
+
+def widened(samples, point: float, n_speakers: int):
+    """The bootstrap samples spread about ``point`` by ``small_sample_factor``; None with one speaker."""
+    c = small_sample_factor(n_speakers)
+    return None if math.isinf(c) else point + c * (samples - point)
+
+
+def bootstrap_p(diff) -> float:
+    """Two-sided p-value of 'no difference' from bootstrap samples of a difference: twice the smaller tail
+    beyond 0 (each tail counted with the draw itself, so never 0)."""
+    import numpy as np
+
+    n = len(diff)
+    tail = min(int(np.sum(diff <= 0.0)), int(np.sum(diff >= 0.0)))
+    return min(1.0, 2.0 * (tail + 1) / (n + 1))
+
+
+def holm(pvalues: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Holm's step-down adjustment of a family of p-values (None: no test, left out of the family)."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(tested)
+    out: List[Optional[float]] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 def common_utts(runs: Sequence[Dict]) -> Optional[List[str]]:
@@ -79,33 +180,52 @@ def common_utts(runs: Sequence[Dict]) -> Optional[List[str]]:
 
 
 def wer_interval(seed_runs: Sequence[Dict], draws: int = 1000) -> Optional[Tuple[float, float]]:
-    """95 % bootstrap interval of a system's mean WER over utterances (and seeds)."""
+    """95 % interval of a system's mean WER: two-stage bootstrap over speakers and their utterances (and seeds),
+    widened for the number of speakers; None with one speaker or without per-utterance errors."""
     import numpy as np
 
     utts = common_utts(seed_runs)
     if not utts or draws <= 0:
         return None
+    groups, _ = speaker_groups(utts, seed_runs)
     errs, refs = _error_table(seed_runs, utts)
-    s_idx, u_idx = _draws(len(seed_runs), len(utts), draws)
-    lo, hi = np.percentile(_boot_wer(errs, refs, s_idx, u_idx), [2.5, 97.5])
+    boot = _boot_wer(errs, refs, seed_draws(len(seed_runs), draws, 0), speaker_draws(groups, len(utts), draws))
+    point = float(np.mean([_corpus_wer(r, utts) for r in seed_runs]))
+    spread = widened(boot, point, len(groups))
+    if spread is None:
+        return None
+    lo, hi = np.percentile(spread, [2.5, 97.5])
     return float(lo), float(hi)
 
 
-def difference_interval(a: Sequence[Dict], b: Sequence[Dict], draws: int = 1000) -> Optional[Tuple[float, float, float]]:
-    """(mean WER of a - b, 95 % low, high) by a paired bootstrap over the utterances both scored."""
+def difference_test(a: Sequence[Dict], b: Sequence[Dict], draws: int = 1000) -> Optional[Dict]:
+    """WER of a - b on the utterances both scored: the point, its 95 % interval and p-value from a paired
+    two-stage bootstrap (the same speakers and utterances for both), and the speakers it rests on."""
     import numpy as np
 
     utts = common_utts(list(a) + list(b))
     if not utts or draws <= 0:
         return None
+    groups, _ = speaker_groups(utts, list(a) + list(b))
     ea, ra = _error_table(a, utts)
     eb, rb = _error_table(b, utts)
-    sa, u_idx = _draws(len(a), len(utts), draws, seed=1)
-    sb, _ = _draws(len(b), len(utts), draws, seed=2)
-    diff = _boot_wer(ea, ra, sa, u_idx) - _boot_wer(eb, rb, sb, u_idx)
+    weights = speaker_draws(groups, len(utts), draws, seed=1)
+    diff = (_boot_wer(ea, ra, seed_draws(len(a), draws, 2), weights)
+            - _boot_wer(eb, rb, seed_draws(len(b), draws, 3), weights))
     point = float(np.mean([_corpus_wer(r, utts) for r in a]) - np.mean([_corpus_wer(r, utts) for r in b]))
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    return point, float(lo), float(hi)
+    spread = widened(diff, point, len(groups))
+    if spread is None:
+        return dict(diff=point, ci95=None, p=None, speakers=len(groups))
+    lo, hi = np.percentile(spread, [2.5, 97.5])
+    return dict(diff=point, ci95=[float(lo), float(hi)], p=bootstrap_p(spread), speakers=len(groups))
+
+
+def difference_interval(a: Sequence[Dict], b: Sequence[Dict], draws: int = 1000) -> Optional[Tuple[float, float, float]]:
+    """(mean WER of a - b, 95 % low, high) by the paired bootstrap of ``difference_test``."""
+    t = difference_test(a, b, draws)
+    if t is None or t["ci95"] is None:
+        return None
+    return t["diff"], t["ci95"][0], t["ci95"][1]
 
 
 def _corpus_wer(run: Dict, utts: Sequence[str]) -> float:
@@ -117,9 +237,79 @@ def _corpus_wer(run: Dict, utts: Sequence[str]) -> float:
 def group_seeds(fixed: Dict[Tuple, Dict]) -> Dict[Tuple, List[Dict]]:
     """(system, set, method, exit) -> the runs of its seeds (experiments of one display name)."""
     out: Dict[Tuple, List[Dict]] = defaultdict(list)
-    for (exp, ts, method, layer, _), r in sorted(fixed.items()):
+    for (exp, ts, method, layer, _, _), r in sorted(fixed.items()):
         out[(exp, ts, method, layer)].append(r)
     return out
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+_TAG_CHECKPOINT = re.compile(r"^((?:epoch|iter)-\d+_avg-\d+(?:_use-averaged-model)?)(?:_|$)")
+
+
+def checkpoint_of(run: Dict) -> str:
+    """Which weights a run decoded, spelled as decode.py's tags begin: ``epoch-30_avg-10_use-averaged-model``
+    (from the entry's epoch, iter, avg and use_averaged_model; from its tag for results written before them)."""
+    if "avg" in run and ("epoch" in run or "iter" in run):
+        it = run.get("iter") or 0
+        name = f"iter-{it}_avg-{run['avg']}" if it > 0 else f"epoch-{run.get('epoch')}_avg-{run['avg']}"
+        return name + ("_use-averaged-model" if run.get("use_averaged_model") else "")
+    m = _TAG_CHECKPOINT.match(str(run.get("tag", "")))
+    return m.group(1) if m else "unknown"
+
+
+class CompareError(Exception):
+    """Results that one report cannot hold as they are, with the flag that resolves it."""
+
+
+def checkpoints_by_source(runs: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """directory -> checkpoint -> test set -> runs."""
+    out: Dict[str, Dict[str, Dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    for r in runs:
+        out[r["source"]][checkpoint_of(r)][r.get("test_set", "?")] += 1
+    return out
+
+
+def _listing(found: Dict[str, Dict[str, int]]) -> str:
+    return "; ".join(f"{ck} ({', '.join(f'{ts}: {n}' for ts, n in sorted(sets.items()))})"
+                     for ck, sets in sorted(found.items()))
+
+
+def select_checkpoints(runs: Sequence[Dict], sources: Sequence[str], choice: Optional[str]) -> List[Dict]:
+    """The runs of one checkpoint per directory, so that a table never mixes weights under one name.
+
+    ``choice``: None (each directory must hold results of one checkpoint), one checkpoint for every directory,
+    a comma list with one per directory (empty: that directory's only one), or ``all`` (each checkpoint becomes
+    a system of its own, ``<name> @ <checkpoint>``). Raises CompareError listing what is there otherwise.
+    """
+    found = checkpoints_by_source(runs)
+    if choice == "all":
+        return [dict(r, experiment=f"{r['experiment']} @ {checkpoint_of(r)}") if len(found[r["source"]]) > 1 else r
+                for r in runs]
+    wanted = [c.strip() for c in choice.split(",")] if choice else [""]
+    if len(wanted) == 1:
+        wanted = wanted * len(sources)
+    if len(wanted) != len(sources):
+        raise CompareError(f"--checkpoint has {len(wanted)} entries for {len(sources)} directories: give one for "
+                           "all, or one per directory in order")
+    keep: Dict[str, str] = {}
+    for src, want in zip(sources, wanted):
+        there = found.get(src, {})
+        if not there:
+            continue
+        if want:
+            if want not in there:
+                raise CompareError(f"{src} has no results of checkpoint {want}; it has: {_listing(there)}")
+            keep[src] = want
+        elif len(there) > 1:
+            first = sorted(there)[0]
+            raise CompareError(
+                f"{src} holds results of {len(there)} checkpoints (epoch/iter, --avg, --use-averaged-model): "
+                f"{_listing(there)}. One table would mix them under one name: pick one with --checkpoint {first} "
+                "(one for every directory, or a comma list in directory order), or --checkpoint all to show each "
+                "as a system of its own")
+        else:
+            keep[src] = next(iter(there))
+    return [r for r in runs if keep.get(r["source"]) == checkpoint_of(r)]
 
 
 def load_runs(exp_dir: Path, name: str) -> List[Dict]:
@@ -136,12 +326,14 @@ def load_runs(exp_dir: Path, name: str) -> List[Dict]:
 
 
 def latest_fixed(runs: Sequence[Dict]) -> Dict[Tuple, Dict]:
-    """(experiment, set, method, exit, source directory) -> newest fixed-exit run."""
+    """(experiment, set, method, exit, source directory, checkpoint) -> newest fixed-exit run (a decode of the same
+    weights, exit and method run again replaces the older)."""
     best: Dict[Tuple, Dict] = {}
     for r in runs:
         if r.get("kind") != "fixed":
             continue
-        key = (r["experiment"], r["test_set"], _method(r), r["exit_layer"], r.get("source", r["experiment"]))
+        key = (r["experiment"], r["test_set"], _method(r), r["exit_layer"], r.get("source", r["experiment"]),
+               checkpoint_of(r))
         if key not in best or r.get("written", 0) >= best[key].get("written", 0):
             best[key] = r
     return best
@@ -152,7 +344,7 @@ def fixed_at_cost(runs: Sequence[Dict], dyn: Dict) -> Optional[Dict]:
     the cheapest whose MACs per second are at least what the dynamic run spent (the newest run of each exit)."""
     same = [r for k, r in latest_fixed(runs).items()
             if k[:3] == (dyn["experiment"], dyn["test_set"], _method(dyn)) and k[4] == dyn.get("source", dyn["experiment"])
-            and r.get("macs_per_second") is not None]
+            and k[5] == checkpoint_of(dyn) and r.get("macs_per_second") is not None]
     dearer = [r for r in same if r["macs_per_second"] >= (dyn.get("achieved_cost") or dyn.get("macs_per_second") or 0)]
     return min(dearer, key=lambda r: r["macs_per_second"]) if dearer else None
 
@@ -184,6 +376,8 @@ def summarize(runs: Sequence[Dict], draws: int = 1000) -> Dict[Tuple, Dict]:
             wer_per_seed=[r["wer"] for r in seed_runs],
             ci95=wer_interval(seed_runs, draws),
             seeds=len(seed_runs),
+            checkpoint=", ".join(sorted({checkpoint_of(r) for r in seed_runs})),
+            speakers=_speaker_count(seed_runs),
             runs=seed_runs,
             macs_per_second=first.get("macs_per_second"),
             rtf_encoder=float(np.mean([r.get("rtf_encoder", math.nan) for r in seed_runs])),
@@ -193,21 +387,41 @@ def summarize(runs: Sequence[Dict], draws: int = 1000) -> Dict[Tuple, Dict]:
     return out
 
 
+def _speaker_count(runs: Sequence[Dict]) -> Optional[int]:
+    """Speakers among the utterances every run scored (None when a speaker is unknown or errors were not kept)."""
+    utts = common_utts(runs)
+    if not utts:
+        return None
+    groups, known = speaker_groups(utts, runs)
+    return len(groups) if known else None
+
+
+ALPHA = 0.05
+FAMILY = ("one family per pair of systems, test set and decoding method: the differences at every exit both "
+          "have, Holm-corrected together")
+
+
 def differences(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
-    """Every pair of systems at every (set, method, exit) they share: the WER difference and its interval."""
+    """Every pair of systems at every (set, method, exit) they share: the WER difference, its 95 % interval, its
+    p-value and the p-value Holm-corrected over the pair's exits (``FAMILY``); significant by the corrected one."""
     by_point: Dict[Tuple, List[str]] = defaultdict(list)
     for (exp, ts, method, layer) in summary:
         by_point[(ts, method, layer)].append(exp)
-    out = []
+    families: Dict[Tuple, List[Dict]] = defaultdict(list)
     for (ts, method, layer), exps in sorted(by_point.items()):
         for i, a in enumerate(exps):
             for b in exps[i + 1:]:
-                d = difference_interval(summary[(a, ts, method, layer)]["runs"], summary[(b, ts, method, layer)]["runs"], draws)
-                if d is None:
+                t = difference_test(summary[(a, ts, method, layer)]["runs"], summary[(b, ts, method, layer)]["runs"], draws)
+                if t is None:
                     continue
-                out.append(dict(test_set=ts, method=method, exit_layer=layer, a=a, b=b, diff=d[0], ci95=[d[1], d[2]],
-                                significant=not (d[1] <= 0.0 <= d[2])))
-    return out
+                families[(ts, method, a, b)].append(dict(test_set=ts, method=method, exit_layer=layer, a=a, b=b, **t))
+    out = []
+    for rows in families.values():
+        for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+            row.update(p_holm=adjusted, family_size=sum(r["p"] is not None for r in rows),
+                       significant=adjusted is not None and adjusted < ALPHA)
+            out.append(row)
+    return sorted(out, key=lambda d: (d["test_set"], d["method"], d["exit_layer"], d["a"], d["b"]))
 
 
 def streaming_ratios(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
@@ -231,10 +445,14 @@ def streaming_ratios(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict
         if utts and draws > 0:
             ea, ra = _error_table(a, utts)
             eb, rb = _error_table(b, utts)
-            sa, u_idx = _draws(len(a), len(utts), draws, seed=3)
-            sb, _ = _draws(len(b), len(utts), draws, seed=4)
-            ratio = _boot_wer(ea, ra, sa, u_idx) / np.maximum(_boot_wer(eb, rb, sb, u_idx), 1e-9)
-            ci = [float(v) for v in np.percentile(ratio, [2.5, 97.5])]
+            groups, _ = speaker_groups(utts, list(a) + list(b))
+            weights = speaker_draws(groups, len(utts), draws, seed=4)
+            ratio = (_boot_wer(ea, ra, seed_draws(len(a), draws, 5), weights)
+                     / np.maximum(_boot_wer(eb, rb, seed_draws(len(b), draws, 6), weights), 1e-9))
+            point = r["wer"] / max(base["wer"], 1e-9)
+            spread = widened(ratio, point, len(groups))
+            if spread is not None:
+                ci = [float(v) for v in np.percentile(spread, [2.5, 97.5])]
         out.append(dict(experiment=exp, test_set=ts, method=method, exit_layer=layer, wer=r["wer"],
                         full_context_wer=base["wer"], ratio=r["wer"] / max(base["wer"], 1e-9), ci95=ci))
     return out
@@ -244,31 +462,74 @@ def _ci(ci: Optional[Sequence[float]]) -> str:
     return "-" if not ci else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
+def set_facts(runs: Sequence[Dict], conditions: Optional[Dict[str, Dict]] = None) -> Dict[str, Dict]:
+    """Test set -> how many utterances and speakers its fixed-exit runs scored, and its condition label (matched
+    or unmatched, from prepare.sh's ``<dataset>_conditions.json``) where one is known."""
+    utts: Dict[str, set] = defaultdict(set)
+    for r in runs:
+        if r.get("kind") == "fixed" and "utt_errors" in r:
+            utts[r["test_set"]] |= set(r["utt_errors"])
+    out: Dict[str, Dict] = {}
+    for ts in sorted({r["test_set"] for r in runs if "test_set" in r}):
+        ids = sorted(utts.get(ts, ()))
+        groups, known = speaker_groups(ids, [r for r in runs if r.get("test_set") == ts]) if ids else ([], False)
+        out[ts] = dict(utterances=len(ids) or None, speakers=len(groups) if known and ids else None,
+                       condition=(conditions or {}).get(ts))
+    return out
+
+
+def _set_heading(ts: str, facts: Dict) -> List[str]:
+    head = f"## {ts}"
+    c = facts.get("condition")
+    if c:
+        head += f" ({'matched' if c.get('matched') else 'unmatched'}: {c.get('what', c.get('condition', ''))})"
+    if facts.get("utterances"):
+        spk = (f"{facts['speakers']} speaker{'s' if facts['speakers'] != 1 else ''}" if facts.get("speakers")
+               else "speakers unknown: intervals over utterances")
+        return [head, "", f"{facts['utterances']} utterances, {spk}.", ""]
+    return [head, ""]
+
+
+def _p(x: Optional[float]) -> str:
+    return "-" if x is None else (f"{x:.3f}" if x >= 0.001 else "<0.001")
+
+
 def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[Dict],
-             ratios: Sequence[Dict] = ()) -> List[str]:
+             ratios: Sequence[Dict] = (), facts: Optional[Dict[str, Dict]] = None) -> List[str]:
+    facts = facts if facts is not None else set_facts(runs)
     lines = ["# Results", "",
-             "WER is the mean over seeds; the interval is a 95 % bootstrap over utterances (and seeds).", ""]
+             "WER is the mean over seeds. Its 95 % interval is a two-stage bootstrap: the set's speakers drawn with "
+             "replacement, then each drawn speaker's utterances (and, with several seeds, the seeds), the spread "
+             "widened by sqrt(n/(n-1)) for n speakers; a set of one speaker has no interval over speakers ('-').",
+             f"Differences between two systems: a paired bootstrap of the same kind; their p-values are "
+             f"Holm-corrected, {FAMILY}.",
+             "Test sets are labelled matched (made as training's variants are) or unmatched (a condition no "
+             "training run uses) where compare.py --conditions names prepare.sh's labels.", ""]
     sets = sorted({k[1] for k in summary} | {r["test_set"] for r in runs if "test_set" in r})
     for s in sets:
-        lines += [f"## {s}", "", "| experiment | method | exit layer | WER % | 95 % interval | seeds | RTF encoder | RTF decode | "
-                  "encoder MMACs/s | params (M) |",
-                  "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += _set_heading(s, facts.get(s, {}))
+        lines += ["| experiment | method | checkpoint | exit layer | WER % | 95 % interval | seeds | RTF encoder | "
+                  "RTF decode | encoder MMACs/s | params (M) |",
+                  "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         for (exp, ts, method, layer), r in sorted(summary.items()):
             if ts != s:
                 continue
-            lines.append(f"| {exp} | {method} | {layer} | {r['wer']:.2f} | {_ci(r['ci95'])} | {r['seeds']} | "
-                         f"{_num(r['rtf_encoder'], '.4f')} | {_num(r['rtf_decode'], '.4f')} | "
+            lines.append(f"| {exp} | {method} | {r['checkpoint']} | {layer} | {r['wer']:.2f} | {_ci(r['ci95'])} | "
+                         f"{r['seeds']} | {_num(r['rtf_encoder'], '.4f')} | {_num(r['rtf_decode'], '.4f')} | "
                          f"{_num(_mmacs(r['macs_per_second']), '.1f')} | {r['params'] / 1e6:.2f} |")
         ds = [d for d in diffs if d["test_set"] == s]
         if ds:
-            lines += ["", "Differences at equal exit layer (A - B, paired bootstrap; *inside the noise* when the "
-                      "interval holds 0):", "",
-                      "| method | exit layer | A | B | WER A - B | 95 % interval | verdict |",
-                      "| --- | ---: | --- | --- | ---: | --- | --- |"]
+            lines += ["", "Differences at equal exit layer (A - B, paired bootstrap; p Holm-corrected over the pair's "
+                      f"exits; *inside the noise* when the corrected p is {ALPHA:g} or more):", "",
+                      "| method | exit layer | A | B | WER A - B | 95 % interval | p | p (Holm, family of) | verdict |",
+                      "| --- | ---: | --- | --- | ---: | --- | ---: | --- | --- |"]
             for d in ds:
-                verdict = ("A better" if d["diff"] < 0 else "B better") if d["significant"] else "inside the noise"
+                if d["p"] is None:
+                    verdict = "untested (one speaker)"
+                else:
+                    verdict = ("A better" if d["diff"] < 0 else "B better") if d["significant"] else "inside the noise"
                 lines.append(f"| {d['method']} | {d['exit_layer']} | {d['a']} | {d['b']} | {d['diff']:+.2f} | "
-                             f"{_ci(d['ci95'])} | {verdict} |")
+                             f"{_ci(d['ci95'])} | {_p(d['p'])} | {_p(d['p_holm'])} ({d['family_size']}) | {verdict} |")
         rs = [r for r in ratios if r["test_set"] == s]
         if rs:
             lines += ["", "What streaming costs (chunked WER over the same model's full-context WER, paired bootstrap):", "",
@@ -315,15 +576,21 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
     return lines
 
 
-def results_json(summary: Dict[Tuple, Dict], diffs: Sequence[Dict], wall_seconds: Optional[float]) -> Dict:
-    """The machine-readable results: models -> test set -> exit layer -> WER, interval, compute."""
+def results_json(summary: Dict[Tuple, Dict], diffs: Sequence[Dict], wall_seconds: Optional[float],
+                 facts: Optional[Dict[str, Dict]] = None) -> Dict:
+    """The machine-readable results: models -> test set -> exit layer -> WER, interval, compute; each test set's
+    utterances, speakers and condition label; the differences with their Holm family."""
     models: Dict[str, Dict] = defaultdict(lambda: defaultdict(dict))
     for (exp, ts, method, layer), r in sorted(summary.items()):
         key = ts if len({k[2] for k in summary if k[0] == exp and k[1] == ts}) == 1 else f"{ts}/{method}"
         models[exp][key][str(layer)] = dict(wer=r["wer"], ci95=list(r["ci95"]) if r["ci95"] else None,
                                             macs_per_second=r["macs_per_second"], seeds=r["seeds"],
-                                            wer_per_seed=r["wer_per_seed"], method=method)
-    return {"wall_seconds": wall_seconds, "models": {m: dict(v) for m, v in models.items()}, "differences": list(diffs)}
+                                            wer_per_seed=r["wer_per_seed"], method=method, checkpoint=r["checkpoint"],
+                                            speakers=r["speakers"])
+    return {"wall_seconds": wall_seconds, "models": {m: dict(v) for m, v in models.items()},
+            "test_sets": facts or {}, "interval": "two-stage bootstrap over speakers, then their utterances (and seeds), "
+            "widened by sqrt(n/(n-1)) for n speakers", "holm_family": FAMILY, "alpha": ALPHA,
+            "differences": list(diffs)}
 
 
 def _mmacs(x: Optional[float]) -> Optional[float]:
@@ -384,12 +651,26 @@ def plot(runs: Sequence[Dict], summary: Dict[Tuple, Dict], test_set: str, path: 
 
 def tsv(summary: Dict[Tuple, Dict]) -> List[str]:
     out = ["experiment\ttest_set\tmethod\texit_layer\twer\tci95_low\tci95_high\tseeds\trtf_encoder\trtf_decode\t"
-           "macs_per_second\tparams"]
+           "macs_per_second\tparams\tcheckpoint\tspeakers"]
     for (exp, ts, method, layer), r in sorted(summary.items()):
         lo, hi = r["ci95"] or (None, None)
         out.append(f"{exp}\t{ts}\t{method}\t{layer}\t{r['wer']:.4f}\t{lo}\t{hi}\t{r['seeds']}\t{r['rtf_encoder']}\t"
-                   f"{r['rtf_decode']}\t{r['macs_per_second']}\t{r['params']}")
+                   f"{r['rtf_decode']}\t{r['macs_per_second']}\t{r['params']}\t{r['checkpoint']}\t{r['speakers']}")
     return out
+
+
+def read_conditions(path: Optional[Path]) -> Dict[str, Dict]:
+    """prepare.sh's test-set labels (``data/fbank/<dataset>_conditions.json``: set -> matched, what)."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise CompareError(f"--conditions {path}: no such file; ./prepare.sh --variants true / --conditions true "
+                           "writes it as data/fbank/<dataset>_conditions.json")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompareError(f"--conditions {path} is not valid JSON ({e}); rerun ./prepare.sh stage 7") from None
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -410,13 +691,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not runs:
         print("compare.py: error: no results to compare", file=sys.stderr)
         return 2
+    try:
+        runs = select_checkpoints(runs, [str(d) for d in args.exp_dirs], args.checkpoint)
+        conditions = read_conditions(args.conditions)
+    except CompareError as e:
+        print(f"compare.py: error: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, args.bootstrap)
     diffs = differences(summary, args.bootstrap)
     ratios = streaming_ratios(summary, args.bootstrap)
-    (args.out / "report.md").write_text("\n".join(markdown(runs, summary, diffs, ratios)) + "\n")
+    facts = set_facts(runs, conditions)
+    (args.out / "report.md").write_text("\n".join(markdown(runs, summary, diffs, ratios, facts)) + "\n")
     (args.out / "results.tsv").write_text("\n".join(tsv(summary)) + "\n")
-    (args.out / "results.json").write_text(json.dumps(dict(results_json(summary, diffs, args.wall_seconds),
+    (args.out / "results.json").write_text(json.dumps(dict(results_json(summary, diffs, args.wall_seconds, facts),
                                                            streaming_ratios=ratios), indent=1) + "\n")
     for s in sorted({r["test_set"] for r in runs}):
         plot(runs, summary, s, args.out / f"wer-{s}.png")

@@ -1,6 +1,10 @@
 """compare.py on synthetic results of three experiments, as decode.py writes them."""
+import json
 import subprocess
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from splitformer.compare import main as compare_main
 from splitformer.decoding.results import update_results_json
@@ -16,7 +20,7 @@ def _fake_exp(root: Path, name: str, exits, wers, params):
             update_results_json(d / f"results-{ts}.json", dict(
                 tag=f"epoch-3_avg-1_exit-{e}_greedy_search", test_set=ts, kind="fixed", exit_layer=e, wer=w,
                 rtf_encoder=0.01 * e, rtf_decode=0.012 * e, macs_per_second=1e6 * e, params=params,
-                method="greedy_search", beam=4))
+                method="greedy_search", beam=4, epoch=3, iter=0, avg=1, use_averaged_model=False))
     return root / name
 
 
@@ -37,10 +41,10 @@ def test_report_table_and_plots(tmp_path):
     assert compare_main([str(a), str(b), str(c), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     dev, test = md.split("## test")
-    assert "| splitformer | greedy_search | 2 | 48.00 |" in dev
-    assert "| splitformer | greedy_search | 2 | 50.00 |" not in dev
-    assert "| splitformer | greedy_search | 2 | 50.00 |" in test
-    assert "| zipformer | greedy_search | 12 | 20.00 | - | 1 | 0.1200 | 0.1440 | 12.0 | 5.00 |" in md
+    assert "| splitformer | greedy_search | epoch-3_avg-1 | 2 | 48.00 |" in dev
+    assert "| splitformer | greedy_search | epoch-3_avg-1 | 2 | 50.00 |" not in dev
+    assert "| splitformer | greedy_search | epoch-3_avg-1 | 2 | 50.00 |" in test
+    assert "| zipformer | greedy_search | epoch-3_avg-1 | 12 | 20.00 | - | 1 | 0.1200 | 0.1440 | 12.0 | 5.00 |" in md
     assert "entropy: 20.0 @ 12.0 / 12.0, 50.0 @ 2.0 / 2.0" in md
     rows = (out / "results.tsv").read_text().splitlines()
     assert len(rows) == 1 + 2 * (1 + 6 + 6)
@@ -62,10 +66,6 @@ def _seed_exp(root: Path, name: str, errors, ref_len: int = 10, exit_layer: int 
 
 
 def test_seeds_intervals_and_differences(tmp_path):
-    import json
-
-    import numpy as np
-
     rng = np.random.default_rng(0)
     good = [_seed_exp(tmp_path, f"good{s}", rng.binomial(10, 0.1, 200).tolist()) for s in range(3)]
     bad = [_seed_exp(tmp_path, f"bad{s}", rng.binomial(10, 0.3, 200).tolist()) for s in range(3)]
@@ -89,7 +89,8 @@ def test_seeds_intervals_and_differences(tmp_path):
     gt = diffs.get(("good", "twin")) or diffs[("twin", "good")]
     assert not gt["significant"] and gt["ci95"][0] < 0 < gt["ci95"][1]
     md = (out / "report.md").read_text()
-    assert "inside the noise" in md and "| good | greedy_search | 12 |" in md
+    assert "inside the noise" in md and "| good | greedy_search | unknown | 12 |" in md
+    assert "200 utterances, speakers unknown: intervals over utterances." in md  # ids u0..u199 name no speaker
 
 
 def test_no_results_is_an_error(tmp_path):
@@ -112,3 +113,169 @@ def test_a_budget_run_is_set_against_the_cheapest_fixed_exit_that_costs_as_much(
     dyn = run("budget", None, 50e6, achieved_cost=50e6)
     assert fixed_at_cost(fixed + [offline], dyn)["exit_layer"] == 4  # 64M is the cheapest at or above 50M
     assert fixed_at_cost(fixed, dict(dyn, achieved_cost=200e6, macs_per_second=200e6)) is None  # dearer than all
+
+
+# ------------------------------------------------------------------------------------------- speakers, Holm
+def _run(errors, speakers, ref_len: int = 10, **kw):
+    """One fixed-exit run whose utterance ids carry ``speakers`` the AN4 way (an<i>-<speaker>-b)."""
+    utt = {f"an{i}-{s}-b": [int(e), ref_len] for i, (e, s) in enumerate(zip(errors, speakers))}
+    wer = 100.0 * sum(errors) / (ref_len * len(errors))
+    return dict(kind="fixed", test_set="test", exit_layer=12, wer=wer, utt_errors=utt, method="greedy_search",
+                beam=4, **kw)
+
+
+def test_speakers_come_from_the_an4_and_librispeech_ids_or_the_run():
+    from splitformer.compare import speaker_groups, speaker_of
+
+    assert speaker_of("an406-fcaw-b") == "fcaw" and speaker_of("cen1-mdms2-b") == "mdms2"
+    assert speaker_of("1089-134686-0000") == "1089"
+    assert speaker_of("u7") is None and speaker_of("u7", {"u7": "alice"}) == "alice"
+    groups, known = speaker_groups(["an1-fa-b", "an2-mb-b", "an3-fa-b"])
+    assert groups == [[0, 2], [1]] and known
+    groups, known = speaker_groups(["an1-fa-b", "x"])
+    assert groups == [[0], [1]] and not known  # an unknown speaker: the utterance stands alone
+
+
+def test_one_speaker_has_a_wider_interval_than_the_same_utterances_over_many():
+    """With one speaker nothing says how the WER moves on other voices: no interval (unbounded). With few
+    speakers the interval is wider than with the same utterances spread over many."""
+    from splitformer.compare import difference_test, wer_interval
+
+    errors = np.random.default_rng(0).binomial(10, 0.2, 120)
+    assert wer_interval([_run(errors, ["fone"] * 120)]) is None
+    widths = {}
+    for n_spk in (3, 40):
+        lo, hi = wer_interval([_run(errors, [f"f{k % n_spk}" for k in range(120)])])
+        widths[n_spk] = hi - lo
+        assert lo < 20.0 < hi
+    assert widths[3] > 1.15 * widths[40]
+    # a paired difference on one speaker is not tested either
+    t = difference_test([_run(errors, ["fone"] * 120)], [_run(errors[::-1], ["fone"] * 120)])
+    assert t["ci95"] is None and t["p"] is None and t["speakers"] == 1
+
+
+def test_speakers_that_differ_widen_the_interval():
+    """The same 120 utterance errors, once shuffled over 6 speakers and once sorted so that each speaker has a
+    level of his own: resampling speakers sees the second spread, resampling utterances alone would not."""
+    from splitformer.compare import wer_interval
+
+    errors = np.sort(np.random.default_rng(1).binomial(10, 0.25, 120))
+    speakers = [f"m{k // 20}" for k in range(120)]  # speaker k holds the k-th sixth of the sorted errors
+    mixed = np.random.default_rng(2).permutation(errors)
+    lo_c, hi_c = wer_interval([_run(errors, speakers)])
+    lo_m, hi_m = wer_interval([_run(mixed, speakers)])
+    assert hi_c - lo_c > 2.0 * (hi_m - lo_m)
+
+
+def test_holm_on_known_p_values():
+    from splitformer.compare import bootstrap_p, holm
+
+    got = holm([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> kept monotone: 0.06 for the last
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([None, 0.2, 0.01]) == [None, pytest.approx(0.2), pytest.approx(0.02)]
+    assert holm([0.9, 0.3]) == pytest.approx([0.9, 0.6])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+    assert bootstrap_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(2 * 2 / 5)
+    assert bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)
+
+
+def test_differences_are_holm_corrected_over_the_exits_of_a_pair(tmp_path):
+    from splitformer.decoding.results import update_results_json
+
+    rng = np.random.default_rng(3)
+    speakers = [f"f{k % 10}" for k in range(150)]
+    for name, p_err in (("a", 0.10), ("b", 0.25)):
+        d = tmp_path / name / "greedy_search"
+        d.mkdir(parents=True)
+        for e in (2, 4, 6):
+            run = _run(rng.binomial(10, p_err + 0.01 * e, 150), speakers, epoch=5, iter=0, avg=2,
+                       use_averaged_model=True, tag=f"epoch-5_avg-2_use-averaged-model_exit-{e}_greedy_search")
+            update_results_json(d / "results-test.json", dict(run, exit_layer=e, macs_per_second=1e6 * e, params=1e6))
+    out = tmp_path / "report"
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    diffs = res["differences"]
+    assert len(diffs) == 3 and {d["family_size"] for d in diffs} == {3}
+    ps = sorted(d["p"] for d in diffs)
+    for d in diffs:
+        assert d["p_holm"] >= d["p"] and d["speakers"] == 10
+        assert d["significant"] == (d["p_holm"] < 0.05) and d["significant"]  # 10 % against 25 % errors
+    assert min(d["p_holm"] for d in diffs) == pytest.approx(min(1.0, 3 * ps[0]))
+    assert "Holm" in res["holm_family"] and res["test_sets"]["test"] == dict(utterances=150, speakers=10, condition=None)
+    md = (out / "report.md").read_text()
+    assert "150 utterances, 10 speakers." in md and "p (Holm, family of)" in md
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _ckpt_run(d: Path, epoch: int, avg: int, averaged: bool, wer: float, test_set: str = "test") -> None:
+    tag = f"epoch-{epoch}_avg-{avg}" + ("_use-averaged-model" if averaged else "") + "_exit-4_greedy_search"
+    update_results_json(d / "greedy_search" / f"results-{test_set}.json", dict(
+        tag=tag, test_set=test_set, kind="fixed", exit_layer=4, wer=wer, macs_per_second=1e6, params=1e6,
+        method="greedy_search", beam=4, epoch=epoch, iter=0, avg=avg, use_averaged_model=averaged))
+
+
+def test_a_directory_decoded_at_two_checkpoints_is_refused_until_one_is_picked(tmp_path, capsys):
+    d = tmp_path / "m"
+    (d / "greedy_search").mkdir(parents=True)
+    _ckpt_run(d, 10, 4, True, 30.0)
+    _ckpt_run(d, 10, 2, False, 45.0)  # decoded later: before, the newest silently won
+    _ckpt_run(d, 10, 2, False, 44.0, "dev")
+    out = tmp_path / "report"
+    assert compare_main([str(d), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of 2 checkpoints" in err
+    assert "epoch-10_avg-2 (dev: 1, test: 1)" in err and "epoch-10_avg-4_use-averaged-model (test: 1)" in err
+    assert "--checkpoint epoch-10_avg-2" in err and "--checkpoint all" in err
+    assert not out.exists()
+
+    assert compare_main([str(d), "--out", str(out), "--checkpoint", "epoch-10_avg-4_use-averaged-model"]) == 0
+    md = (out / "report.md").read_text()
+    assert "| m | greedy_search | epoch-10_avg-4_use-averaged-model | 4 | 30.00 |" in md
+    assert "45.00" not in md and "## dev" not in md
+
+    assert compare_main([str(d), "--out", str(out), "--checkpoint", "all"]) == 0
+    md = (out / "report.md").read_text()
+    assert "| m @ epoch-10_avg-2 | greedy_search | epoch-10_avg-2 | 4 | 45.00 |" in md
+    assert "| m @ epoch-10_avg-4_use-averaged-model | greedy_search | epoch-10_avg-4_use-averaged-model | 4 | 30.00 |" in md
+
+    assert compare_main([str(d), "--out", str(out), "--checkpoint", "epoch-9_avg-1"]) == 2
+    assert "has no results of checkpoint epoch-9_avg-1; it has: epoch-10_avg-2" in capsys.readouterr().err
+    other = tmp_path / "n"
+    (other / "greedy_search").mkdir(parents=True)
+    _ckpt_run(other, 3, 1, False, 50.0)
+    # one per directory, in order; empty = that directory's only checkpoint
+    assert compare_main([str(d), str(other), "--out", str(out), "--checkpoint", "epoch-10_avg-2,"]) == 0
+    assert "| n | greedy_search | epoch-3_avg-1 | 4 | 50.00 |" in (out / "report.md").read_text()
+    assert compare_main([str(d), str(other), "--out", str(out), "--checkpoint", "a,b,c"]) == 2
+    assert "3 entries for 2 directories" in capsys.readouterr().err
+
+
+def test_checkpoint_of_reads_the_fields_or_an_old_tag():
+    from splitformer.compare import checkpoint_of
+
+    assert checkpoint_of(dict(epoch=30, iter=0, avg=10, use_averaged_model=True)) == "epoch-30_avg-10_use-averaged-model"
+    assert checkpoint_of(dict(epoch=30, iter=4000, avg=2, use_averaged_model=False)) == "iter-4000_avg-2"
+    assert checkpoint_of(dict(tag="epoch-3_avg-1_exit-2_greedy_search")) == "epoch-3_avg-1"
+    assert checkpoint_of(dict(tag="exit-12")) == "unknown"
+
+
+def test_condition_labels_head_their_sets(tmp_path):
+    d = tmp_path / "m"
+    (d / "greedy_search").mkdir(parents=True)
+    for ts in ("test", "test-telephone", "test-narrowband"):
+        _ckpt_run(d, 3, 1, False, 20.0, ts)
+    labels = tmp_path / "an4_conditions.json"
+    labels.write_text(json.dumps({
+        "test-telephone": dict(matched=False, condition="telephone", source="test", what="telephone line"),
+        "test-narrowband": dict(matched=True, condition="narrowband", source="test", what="8 kHz and back")}))
+    out = tmp_path / "report"
+    assert compare_main([str(d), "--out", str(out), "--conditions", str(labels)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## test-telephone (unmatched: telephone line)" in md
+    assert "## test-narrowband (matched: 8 kHz and back)" in md
+    assert "## test\n" in md
+    res = json.loads((out / "results.json").read_text())
+    assert res["test_sets"]["test-telephone"]["condition"]["matched"] is False
+    assert compare_main([str(d), "--out", str(out), "--conditions", str(tmp_path / "none.json")]) == 2

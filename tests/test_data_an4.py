@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from lhotse import load_manifest
 
 from an4_fixture import REPO, VOCAB_SIZE
@@ -37,22 +38,103 @@ def test_stages_announced_then_skipped(an4_data, an4_dir):
     assert "INFO [" not in proc.stderr
 
 
+def _stage1_settings(data) -> str:
+    marker = data / ".done" / "an4.stage1"
+    return marker.read_text() if marker.is_file() else ""
+
+
 def test_split_counts(an4_data):
+    """The default split (--dev-rule first-lines, what the README's models were trained on)."""
+    assert "dev_rule=speakers" not in _stage1_settings(an4_data)
     counts = {s: len(load_manifest(an4_data / "fbank" / f"an4_cuts_{s}.jsonl.gz")) for s in ("train", "dev", "test")}
     assert counts == {"train": 848, "dev": 100, "test": 130}
     for s in ("train", "dev", "test"):
         assert (an4_data / f"{s}_rejected.txt").read_text() == ""
 
 
-def test_dev_is_first_100_training_utterances(an4_data, an4_dir):
+def _transcript_speakers(an4_dir, part: str):
+    entries, problems = an4_recipe.parse_transcription(an4_dir / "etc" / f"an4_{part}.transcription")
+    assert not problems
+    return an4_recipe.utterance_speakers(entries)
+
+
+def test_the_dev_rule_on_the_real_transcripts(an4_dir):
+    """Speaker-disjoint from train (whole speakers, and never half of a name like mdcs/mdcs2), both sexes in
+    about test's proportion, about 100 utterances, and the same speakers every time."""
+    train, test = _transcript_speakers(an4_dir, "train"), _transcript_speakers(an4_dir, "test")
+    assert (len(train), len(test)) == (74, 10)
+    # AN4's speaker names start with the speaker's sex: test is 3 women and 7 men, 39 and 91 utterances
+    assert sorted(an4_recipe.speaker_sex(s) for s in test) == ["f"] * 3 + ["m"] * 7
+    dev = an4_recipe.choose_dev_speakers(train, test)
+    assert dev == an4_recipe.choose_dev_speakers(dict(reversed(list(train.items()))), test)  # order-free
+    assert dev == {"fbbh", "fjam", "mcel", "mjjs2", "mmaf", "mnjl", "mscg2", "mtje"}
+    rest = set(train) - dev
+    assert not {an4_recipe.speaker_group(s) for s in dev} & {an4_recipe.speaker_group(s) for s in rest}
+    assert not dev & set(test)
+    n_dev = sum(train[s] for s in dev)
+    female = sum(train[s] for s in dev if an4_recipe.speaker_sex(s) == "f") / n_dev
+    test_female = sum(n for s, n in test.items() if an4_recipe.speaker_sex(s) == "f") / sum(test.values())
+    assert n_dev == 101 and 0.0 < female < 1.0
+    assert abs(female - test_female) < 0.06  # 26/101 = 0.26 against 39/130 = 0.30: the closest whole speakers
+    # speakers are never split and a group moves whole: mdcs2 goes where mdcs goes
+    assert an4_recipe.speaker_group("mdcs2") == an4_recipe.speaker_group("mdcs") == "mdcs"
+    with_pair = an4_recipe.choose_dev_speakers({"mdcs": 13, "mdcs2": 13, "mx": 13, "fy": 13, "fz": 13},
+                                               {"fa": 5, "mb": 5}, target=20)
+    assert {"mdcs", "mdcs2"} <= with_pair or not {"mdcs", "mdcs2"} & with_pair
+
+
+def test_the_dev_rule_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="no training speaker of that sex"):
+        an4_recipe.choose_dev_speakers({"mx": 13, "my": 13}, {"fa": 10, "mb": 10})
+    with pytest.raises(ValueError, match="--dev-rule first-lines"):
+        an4_recipe.choose_dev_speakers({"fx": 13}, {"fa": 10}, target=100)
+
+
+def test_the_speakers_rule_splits_the_manifests_by_speaker(an4_dir):
+    """What stage 1 writes with --dev-rule speakers: dev holds the rule's speakers and no train utterance does."""
+    from splitformer.data import use_soundfile_for_sphere
+
+    use_soundfile_for_sphere()
+    train_speakers = _transcript_speakers(an4_dir, "train")
+    dev_speakers = an4_recipe.choose_dev_speakers(train_speakers, _transcript_speakers(an4_dir, "test"))
+    parts = an4_recipe.prepare_part(an4_dir, "train", dev_speakers)
+    dev, train = parts["dev"][1], parts["train"][1]
+    assert {s.speaker for s in dev} == dev_speakers
+    assert not {s.speaker for s in train} & dev_speakers
+    assert len(dev) + len(train) == sum(train_speakers.values())
+
+
+def test_prepared_dev_is_the_default_rules(an4_data, an4_dir):
+    """The prepared data (default --dev-rule first-lines): dev is the first 100 training lines."""
     lines = [l for l in (an4_dir / "etc" / "an4_train.transcription").read_text().splitlines() if l.strip()]
     ids = [re.search(r"\(([^)]+)\)\s*$", l).group(1) for l in lines]
     dev = load_manifest(an4_data / "fbank" / "an4_cuts_dev.jsonl.gz")
     train = load_manifest(an4_data / "fbank" / "an4_cuts_train.jsonl.gz")
     assert list(dev.ids) == ids[:100]
     assert sorted(train.ids) == sorted(ids[100:])
-    first = dev[ids[0]]
-    assert first.supervisions[0].text == "YES" and first.sampling_rate == 16000
+
+
+def test_first_lines_keeps_the_old_split(an4_dir):
+    """--dev-rule first-lines: the first 100 lines, as before, to reproduce models trained on that split."""
+    from splitformer.data import use_soundfile_for_sphere
+
+    use_soundfile_for_sphere()
+    parts = an4_recipe.prepare_part(an4_dir, "train", None)
+    lines = [l for l in (an4_dir / "etc" / "an4_train.transcription").read_text().splitlines() if l.strip()]
+    ids = [re.search(r"\(([^)]+)\)\s*$", l).group(1) for l in lines]
+    assert [s.id for s in parts["dev"][1]] == ids[:100]
+    assert [s.id for s in parts["train"][1]] == ids[100:]
+
+
+def test_prepare_options_for_the_dev_rule_and_the_conditions(tmp_path):
+    run = lambda *a: subprocess.run([str(REPO / "prepare.sh"), "--data-dir", str(tmp_path / "d"), *a],
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    usage = run("--help").stdout
+    assert "--dev-rule RULE" in usage and "--conditions BOOL" in usage and "7 unmatched test conditions" in usage
+    proc = run("--conditions", "maybe")
+    assert proc.returncode != 0 and "--conditions must be true or false" in proc.stderr
+    proc = run("--dev-rule", "first-lines", "--no-such-option", "1")
+    assert proc.returncode != 0 and "unknown option --no-such-option" in proc.stderr
 
 
 def test_features_shape_and_finite(an4_data):

@@ -250,7 +250,7 @@ def test_compute_budget_picks_a_threshold_that_meets_it_and_reports_the_cost_rea
     # compare.py lists the budget runs and marks them on the compute plot
     from splitformer.compare import main as compare_main
 
-    assert compare_main([str(t["exp"]), "--names", "tiny", "--out", str(tmp_path / "report")]) == 0
+    assert compare_main([str(t["exp"]), "--names", "tiny", "--checkpoint", "epoch-2_avg-1", "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Compute budgets" in md and "| entropy | ctc | macs " in md
 

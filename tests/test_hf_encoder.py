@@ -50,6 +50,87 @@ def test_a_loaded_directory_gives_the_original_models_outputs(variant, tmp_path)
         torch.testing.assert_close(out[i, :n], alone[i], atol=2e-5, rtol=1e-4)
 
 
+def _reference_exits(backbone, hidden_states, exits):
+    """What each exit should be, from transformers' ``output_hidden_states`` (entry k: layer k's output, entry 0
+    the layers' input): a pre-LN ("stable layer norm") model's exits apply the encoder's final LayerNorm, as its
+    top does."""
+    stable = bool(getattr(backbone.config, "do_stable_layer_norm", False))
+    return {e: backbone.encoder.layer_norm(hidden_states[e]) if stable else hidden_states[e] for e in exits}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_exit_of_the_layer_by_layer_run_is_transformers_hidden_state(variant, tmp_path):
+    """An exit after every layer: each, run layer by layer by us, equals the hidden state transformers' own
+    forward reports after that layer (each utterance alone, as the top-exit test)."""
+    original = tiny_backbone(variant)
+    model = build_model(hf_args(tiny_backbone_dir(tmp_path, variant), hf_normalize="false", exit_layers="1,2,3,4"),
+                        VOCAB).eval()
+    x, lens = audio()
+    with torch.no_grad():
+        ours = {e: out for e, out, _ in model.iter_exits(x, lens)}
+        for i, n in enumerate(lens.tolist()):
+            hs = original(x[i:i + 1, :n], output_hidden_states=True).hidden_states
+            assert len(hs) == 5  # the layers' input, then each of the 4 layers
+            want = _reference_exits(original, hs, [1, 2, 3, 4])
+            frames = want[1].shape[1]
+            for e in (1, 2, 3, 4):
+                torch.testing.assert_close(ours[e][i, :frames], want[e][0], atol=2e-5, rtol=1e-4)
+            assert not torch.allclose(want[1], want[4])  # the exits differ: each is checked against its own layer
+
+
+def test_a_training_step_with_time_masking_is_transformers_own(tmp_path):
+    """Training mode with the backbone's time masking on (SpecAugment on the feature encoder's output, drawn from
+    numpy's global generator by transformers' _compute_mask_indices): seeded alike, every exit equals
+    transformers' hidden states given that very mask; the mask bites, and it trains masked_spec_embed."""
+    import numpy as np
+    import transformers
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    from hf_fixture import TINY
+
+    # pre-LN with layer-normed convolutions: padding-free, so a padded batch matches transformers' batch exactly;
+    # built with masking on, as the published checkpoints are, so that it has its masked_spec_embed
+    torch.manual_seed(0)
+    masking = dict(TINY, mask_time_prob=0.3, mask_time_length=3, mask_time_min_masks=2)
+    transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**masking, do_stable_layer_norm=True, feat_extract_norm="layer")
+                               ).save_pretrained(str(tmp_path / "masking"))
+    model = build_model(hf_args(tmp_path / "masking", hf_normalize="false", exit_layers="1,2,3,4"), VOCAB)
+    backbone = model.encoder.backbone
+    cfg = backbone.config
+    x, lens = audio()
+    frames = model.encoder.output_lengths(lens)
+    sample_mask = (torch.arange(x.size(1))[None] < lens[:, None]).long()
+    frame_mask = (torch.arange(int(frames.max()))[None] < frames[:, None]).long()
+    model.train()
+    assert cfg.layerdrop == 0.0  # our encoder turns LayerDrop off for good (an exit needs its layer)
+
+    np.random.seed(11)
+    want_mask = _compute_mask_indices((x.size(0), int(frames.max())), cfg.mask_time_prob, cfg.mask_time_length,
+                                      attention_mask=frame_mask, min_masks=cfg.mask_time_min_masks)
+    assert want_mask.sum() >= 2 * cfg.mask_time_min_masks and not want_mask[frame_mask.numpy() == 0].any()
+    np.random.seed(11)
+    ours = model.encoder(x, lens)
+    ref = backbone(x.clone(), attention_mask=sample_mask, mask_time_indices=torch.from_numpy(want_mask),
+                   output_hidden_states=True).hidden_states
+    want = _reference_exits(backbone, ref, [1, 2, 3, 4])
+    for (out, out_lens), e in zip(ours, (1, 2, 3, 4)):
+        assert out_lens.tolist() == frames.tolist()
+        for i, n in enumerate(frames.tolist()):
+            torch.testing.assert_close(out[i, :n], want[e][i, :n], atol=2e-5, rtol=1e-4)
+    # in eval mode (no masking) the outputs are others: the masking really ran
+    model.eval()
+    with torch.no_grad():
+        unmasked = model.encoder(x, lens)[-1][0]
+    n0 = int(frames[0])
+    assert not torch.allclose(ours[-1][0][0, :n0], unmasked[0, :n0], atol=1e-3)
+    # one training step: the loss reaches the mask embedding only through the masked frames
+    model.train()
+    np.random.seed(11)
+    res = model(x, lens, [[3, 4, 5], [6, 7]])
+    sum(r["ctc"] + r["pruned"] for r in res.values()).backward()
+    assert backbone.masked_spec_embed.grad is not None and backbone.masked_spec_embed.grad.abs().sum() > 0
+
+
 def test_missing_weights_and_unsupported_models_are_refused(tmp_path):
     import transformers
 
