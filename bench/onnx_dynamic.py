@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Encoder time in onnxruntime: fixed exits (encoder-exit<N>.onnx) against dynamic exits run block by block
-(stem.onnx + block<i>.onnx, stopping at the first confident exit), in float32 and int8.
+"""Dynamic exits in onnxruntime: fixed exits (encoder-exit<N>.onnx), the per-block files to each exit, and the
+dynamic climb one file at a time against the batched climb (files that stop leave the batch), in float32 and int8.
 
-    ./splitformer/export.py --exp-dir exp/ee-zipformer-cpu --epoch 12 --avg 4 --use-averaged-model --blocks true --int8
-    python bench/onnx_dynamic.py --model-dir exp/ee-zipformer-cpu/onnx --files-from test-wavs.txt \\
+    ./splitformer/export.py --exp-dir exp/splitformer-cpu --epoch 12 --avg 4 --use-averaged-model --exit-layer 12 \
+        --blocks true --int8 --tokens data/lang_bpe_30/tokens.txt --output-dir exp/splitformer-cpu/onnx-blocks
+    python bench/onnx_dynamic.py --model-dir exp/splitformer-cpu/onnx-blocks --files-from test-wavs.txt \
         --strategy confidence --thresholds 0.9,0.95
 
-Prints, per precision, the real-time factor of the encoder (seconds of compute per second of audio, one thread,
-median of --repeats passes over the files) for each fixed exit, for each exit reached block by block, and for
-each dynamic threshold with its mean exit. Features are computed once, outside the timing.
+Prints, per precision, the real-time factor and the files per second (one thread, median of --repeats passes over
+the files) of the encoder alone: each fixed exit whose file exists, the blocks run to each exit, and each dynamic
+threshold (CTC reader, CTC greedy words) one file at a time and in batches of --batch-size, with its mean exit.
+Features are computed once, outside the timing.
 """
 import argparse
 import statistics
@@ -20,7 +22,7 @@ from typing import Callable, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from onnx_decode import BlockRunner, Session, features  # noqa: E402
+from onnx_decode import Climber, Session, model_input  # noqa: E402
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:
@@ -39,41 +41,46 @@ def main() -> None:
     p.add_argument("--strategy", choices=["entropy", "confidence"], default="confidence")
     p.add_argument("--thresholds", type=str, default="0.9,0.95")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
     files = [Path(ln.strip()) for ln in args.files_from.read_text().splitlines() if ln.strip()]
-    feats = [features(f) for f in files]
+    feats = [model_input(f, {}) for f in files]
     audio = sum(x.shape[0] for x in feats) / 100.0
+    n = len(feats)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
-    print(f"{len(files)} files, {audio:.1f} s of audio; encoder RTF, 1 thread, median of {args.repeats}")
-    print("| precision | how | exit | RTF | mean exit |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print(f"{n} files, {audio:.1f} s of audio; encoder (+ CTC reader for dynamic), 1 thread, median of {args.repeats}")
+    print("| precision | how | exit | RTF | files/s | mean exit |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for suffix, name in ((".onnx", "fp32"), (".int8.onnx", "int8")):
-        runner = BlockRunner(args.model_dir, suffix)
-        exits = [int(b.meta["exit_layer"]) for b in runner.blocks]
-        for e in exits:
+        probe = Climber(args.model_dir, suffix, args.strategy, 0.0, "ctc", True, "ctc", None)
+        for e in probe.exits:
             path = args.model_dir / f"encoder-exit{e}{suffix}"
             if not path.is_file():
                 continue
             enc = Session(path)
             t = timed(lambda: [enc(x[None], np.array([x.shape[0]], dtype=np.int64)) for x in feats], args.repeats)
-            print(f"| {name} | fixed exit (encoder-exit{e}) | {e} | {t / audio:.4f} | |")
-        for k, e in enumerate(exits):
+            print(f"| {name} | fixed exit (encoder-exit{e}) | {e} | {t / audio:.4f} | {n / t:.1f} | |")
+        for k, e in enumerate(probe.exits):
             def upto(x: np.ndarray, k: int = k) -> None:
-                h, h_lens = runner.stem(x[None], np.array([x.shape[0]], dtype=np.int64))
-                for block in runner.blocks[: k + 1]:
-                    h = block(h, h_lens)[0]
+                stem = probe.stem.named({"x": x[None], "x_lens": np.array([x.shape[0]], dtype=np.int64)})
+                h = stem["h"]
+                for block in probe.blocks[: k + 1]:
+                    h = block.named({**stem, "h": h})["next"]
             t = timed(lambda: [upto(x) for x in feats], args.repeats)
-            print(f"| {name} | block by block to exit {e} | {e} | {t / audio:.4f} | |")
+            print(f"| {name} | block by block to exit {e} | {e} | {t / audio:.4f} | {n / t:.1f} | |")
+        rule = ">" if args.strategy == "confidence" else "<"
         for thr in thresholds:
-            chosen: List[int] = []
+            climber = Climber(args.model_dir, suffix, args.strategy, thr, "ctc", True, "ctc", None)
+            for how, size in (("one at a time", 1), (f"batches of {args.batch_size}", args.batch_size)):
+                chosen: List[int] = []
 
-            def dynamic() -> None:
-                chosen.clear()
-                chosen.extend(runner.run(x, args.strategy, thr)[0] for x in feats)
-            t = timed(dynamic, args.repeats)
-            print(f"| {name} | dynamic, {args.strategy} > {thr:g} | | {t / audio:.4f} | {sum(chosen) / len(chosen):.2f} |"
-                  if args.strategy == "confidence" else
-                  f"| {name} | dynamic, {args.strategy} < {thr:g} | | {t / audio:.4f} | {sum(chosen) / len(chosen):.2f} |")
+                def dynamic() -> None:
+                    chosen.clear()
+                    for i in range(0, n, size):
+                        chosen.extend(e for e, _ in climber.run(feats[i:i + size]))
+                t = timed(dynamic, args.repeats)
+                print(f"| {name} | dynamic {args.strategy} {rule} {thr:g}, {how} | | {t / audio:.4f} | {n / t:.1f} | "
+                      f"{sum(chosen) / len(chosen):.2f} |")
 
 
 if __name__ == "__main__":

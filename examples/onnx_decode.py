@@ -30,20 +30,23 @@ chunks. The exit of every chunk goes to stderr.
     python examples/onnx_decode.py --model-dir exp/splitformer-cpu-causal/onnx --streaming \
         --exit-strategy confidence --exit-threshold 0.9 a.wav
 
-Needs numpy, soundfile, kaldi-native-fbank and onnxruntime (scipy to resample audio that is not 16 kHz),
-and the features of splitformer.decoding.audio, which import no torch. A model exported from a pretrained
-backbone (``--encoder hf``; metadata ``input=waveform``) is fed the 16 kHz samples instead of fbank.
+Needs numpy, soundfile, kaldi-native-fbank and onnxruntime, and the reader of splitformer.decoding.audio, which
+imports no torch and resamples audio that is not 16 kHz itself (numpy: lhotse's windowed-sinc resampler). A model
+exported from a pretrained backbone (``--encoder hf``; metadata ``input=waveform``) is fed the 16 kHz samples
+instead of fbank.
 """
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from splitformer.decoding.audio import SAMPLE_RATE, chunks_in, fbank, stream_features  # noqa: E402  (torch-free)
+from splitformer.decoding import decision  # noqa: E402  (torch-free: the decision PyTorch decodes with)
+from splitformer.decoding.audio import (  # noqa: E402  (torch-free; AudioError: what model_input raises)
+    AudioError, chunks_in, file_samples, read_model_input, stream_features)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -51,8 +54,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, required=True, help="export.py's output directory")
     p.add_argument("--exit-layer", type=int, default=None, help="the exit to decode at (encoder-exit<N>.onnx)")
     p.add_argument("--exit-strategy", choices=["fixed", "entropy", "confidence"], default="fixed",
-                   help="entropy/confidence: run block after block and stop at the first confident exit")
+                   help="entropy/confidence: run block after block and stop at the first confident exit (the "
+                        "posterior criterion needs a beam search, which this example does not have)")
     p.add_argument("--exit-threshold", type=float, default=None)
+    p.add_argument("--exit-scorer", choices=["ctc", "transducer"], default=None,
+                   help="what the criterion reads: the CTC heads (default when the blocks have them) or the "
+                        "transducer's posteriors along its greedy path")
+    p.add_argument("--exit-count-blank", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="entropy/confidence over every frame (true) or the frames whose best symbol is a token")
+    p.add_argument("--batch-size", type=int, default=16, help="files climbed together (dynamic exits)")
     p.add_argument("--method", choices=["transducer", "ctc"], default="transducer")
     p.add_argument("--int8", action="store_true", help="use the *.int8.onnx files")
     p.add_argument("--streaming", action="store_true",
@@ -82,30 +92,17 @@ def to_text(ids: List[int], tokens: Dict[int, str]) -> str:
 
 
 def model_input(path: Path, meta: Dict[str, str]) -> np.ndarray:
-    """What the exported model reads (its metadata's ``input``): (T, 80) fbank, or (S,) 16 kHz samples."""
-    samples = audio(path)
-    return samples if meta.get("input", "fbank") == "waveform" else fbank(samples)
-
-
-def features(path: Path) -> np.ndarray:
-    """(T, 80) float32 log-mel features of a file (what our fbank models read)."""
-    return fbank(audio(path))
+    """What the exported model reads (its metadata's ``input``): (T, 80) fbank, or (S,) 16 kHz samples, from the
+    reader pretrained.py uses (splitformer.decoding.audio.read_model_input: soxr resampling, short files padded to
+    0.5 s). Empty ((0, 80) or (0,)) for empty or silent audio, which has nothing to transcribe; raises
+    ``AudioError`` naming the file when it is missing, unreadable or holds NaN samples."""
+    return read_model_input(path, meta.get("input", "fbank")).x
 
 
 def audio(path: Path) -> np.ndarray:
-    """(S,) float32 samples of a file, mixed to mono and resampled to 16 kHz."""
-    import soundfile as sf
-
-    samples, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    samples = samples.mean(axis=1)
-    if sr != SAMPLE_RATE:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-
-        g = gcd(sr, SAMPLE_RATE)
-        samples = resample_poly(samples, SAMPLE_RATE // g, sr // g).astype(np.float32)
-    return samples
+    """(S,) float32 samples of a file, mixed to mono and resampled to 16 kHz (the same reader; a stream is padded
+    to whole chunks by ``stream_features``, not to 0.5 s)."""
+    return file_samples(path)[0]
 
 
 class Session:
@@ -116,10 +113,30 @@ class Session:
         opts.inter_op_num_threads = opts.intra_op_num_threads = 1
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.meta = self.sess.get_modelmeta().custom_metadata_map
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
 
     def __call__(self, *inputs: np.ndarray) -> List[np.ndarray]:
-        names = [i.name for i in self.sess.get_inputs()]
-        return self.sess.run(None, dict(zip(names, inputs)))
+        return self.sess.run(None, dict(zip(self.inputs, inputs)))
+
+    def named(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Outputs by name, for inputs by name."""
+        return dict(zip(self.outputs, self.sess.run(None, {n: feeds[n] for n in self.inputs})))
+
+
+def check_length(path: Path, x: np.ndarray, meta: Dict[str, str]) -> None:
+    """Refuse an input longer than the export's ``max_frames`` (its position tables end there), naming the fix."""
+    limit = int(meta.get("max_frames", 0))
+    frames = x.shape[0] if meta.get("input", "fbank") != "waveform" else x.shape[0] // 160
+    if limit and frames > limit:
+        raise AudioError(f"{path} is {frames / 100:.1f} s long ({frames} frames); these files take at most "
+                         f"{limit} frames ({limit / 100:.0f} s): split the audio, or export again with "
+                         f"--max-frames {frames}")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def ctc_greedy(log_probs: np.ndarray, blank: int) -> List[int]:
@@ -132,51 +149,109 @@ def ctc_greedy(log_probs: np.ndarray, blank: int) -> List[int]:
 
 
 def transducer_greedy(enc: np.ndarray, decoder: Session, joiner: Session, context: int, blank: int,
-                      unk: int = -1, hyp: Optional[List[int]] = None) -> List[int]:
+                      unk: int = -1, hyp: Optional[List[int]] = None, path: Optional[List[np.ndarray]] = None
+                      ) -> List[int]:
     """Greedy search over projected encoder frames (T, J), at most one symbol per frame; <unk> is not emitted.
-    ``hyp``: where a stream's search stands (its initial context and tokens so far); returned extended."""
+    ``hyp``: where a stream's search stands (its initial context and tokens so far); returned extended.
+    ``path``: gets the joiner's (V,) log-posteriors at each frame of the greedy path (the transducer scorer)."""
     hyp = list(hyp) if hyp is not None else [blank] * context
     dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
     for t in range(enc.shape[0]):
-        tok = int(joiner(enc[t:t + 1], dec)[0].argmax(-1)[0])
+        logits = joiner(enc[t:t + 1], dec)[0]
+        tok = int(logits.argmax(-1)[0])
+        if path is not None:
+            path.append(log_softmax(logits[0]))
         if tok not in (blank, unk):
             hyp.append(tok)
             dec = decoder(np.array([hyp[-context:]], dtype=np.int64))[0]
     return hyp
 
 
-def frame_scores(log_probs: np.ndarray) -> Dict[str, float]:
-    """Mean frame entropy and mean max posterior of (T, V) log-probs (a zero posterior adds 0 entropy)."""
-    p = np.exp(log_probs.astype(np.float64))
-    ent = -np.where(p > 0, p * log_probs, 0.0).sum(-1)
-    return {"entropy": float(ent.mean()), "confidence": float(p.max(-1).mean())}
+class Transducer:
+    """decoder.onnx + joiner.onnx: the greedy search, and the transducer exit scorer (its path's posteriors)."""
+
+    def __init__(self, d: Path, suffix: str, tokens: Dict[int, str], blank: int) -> None:
+        self.decoder, self.joiner = Session(d / f"decoder{suffix}"), Session(d / f"joiner{suffix}")
+        self.context = int(self.decoder.meta.get("context_size", 2))
+        self.blank, self.unk = blank, unk_id(tokens)
+        self.vocab = int(self.joiner.meta.get("vocab_size", len(tokens)))
+
+    def greedy(self, enc: np.ndarray, hyp: Optional[List[int]] = None, path: Optional[list] = None) -> List[int]:
+        return transducer_greedy(enc, self.decoder, self.joiner, self.context, self.blank, self.unk, hyp, path)
+
+    def greedy_with_posteriors(self, enc: np.ndarray) -> Tuple[List[int], np.ndarray]:
+        """(tokens, (T, V) log-posteriors along the greedy path) of one utterance's (T, J) frames."""
+        path: List[np.ndarray] = []
+        hyp = self.greedy(enc, path=path)
+        return hyp[self.context:], (np.stack(path) if path else np.zeros((0, self.vocab)))
 
 
-def passes(strategy: str, score: float, threshold: float) -> bool:
-    return score < threshold if strategy == "entropy" else score > threshold
+class Climber:
+    """The per-block files (stem.onnx, block<i>.onnx) run as a batched climb: a batch of files goes through the
+    stem, then block after block; after each exit the files whose criterion passes stop there and leave the batch
+    (trimmed to the longest that stays), and the rest climb on. The blocks above a file's exit never run for it.
+    The decision is splitformer.decoding.decision's, the one PyTorch decodes with."""
 
-
-class BlockRunner:
-    """stem.onnx then block<i>.onnx, one block at a time: a file's blocks above its exit never run."""
-
-    def __init__(self, d: Path, suffix: str) -> None:
+    def __init__(self, d: Path, suffix: str, strategy: str, threshold: float, scorer: str, count_blank: bool,
+                 method: str, transducer: Optional[Transducer]) -> None:
         self.stem = Session(d / f"stem{suffix}")
-        n = int(self.stem.meta["num_blocks"])
-        self.blocks = [Session(d / f"block{i}{suffix}") for i in range(n)]
-        self.names = [o.name for o in self.blocks[0].sess.get_outputs()]
-        if "log_probs" not in self.names:
-            raise SystemExit("onnx_decode.py: dynamic exits read the CTC posteriors, but these blocks have no CTC head")
+        self.blocks = [Session(d / f"block{i}{suffix}") for i in range(int(self.stem.meta["num_blocks"]))]
+        self.exits = [int(b.meta["exit_layer"]) for b in self.blocks]
+        self.blank = int(self.blocks[0].meta.get("blank_id", 0))
+        have = set(self.blocks[0].outputs)
+        need = {"ctc": "log_probs", "transducer": "encoder_out"}
+        for what, why in ((scorer, "--exit-scorer"), (method, "--method")):
+            if need[what] not in have:
+                raise SystemExit(f"onnx_decode.py: {why} {what} reads {need[what]}, which these blocks do not have")
+        self.strategy, self.threshold, self.scorer, self.count_blank = strategy, threshold, scorer, count_blank
+        self.method, self.transducer = method, transducer
 
-    def run(self, x: np.ndarray, strategy: str, threshold: float):
-        """(exit layer, its outputs by name, valid frames) of the first exit that passes."""
-        h, h_lens = self.stem(x[None], np.array([x.shape[0]], dtype=np.int64))
-        n = int(h_lens[0])
-        for i, block in enumerate(self.blocks):
-            outs = dict(zip(self.names, block(h, h_lens)))
-            h = outs["next"]
-            last = i == len(self.blocks) - 1
-            if last or passes(strategy, frame_scores(outs["log_probs"][0, :n])[strategy], threshold):
-                return int(block.meta["exit_layer"]), outs, n
+    def score(self, outs: Dict[str, np.ndarray], lens: np.ndarray) -> Tuple[np.ndarray, Optional[List[List[int]]]]:
+        """(B,) scores at this exit, and the greedy tokens when the transducer scorer's pass found them."""
+        if self.scorer == "ctc":
+            lp = outs["log_probs"]
+            return decision.frame_scores(lp, lens, self.blank, self.count_blank)[self.strategy], None
+        hyps, paths = zip(*(self.transducer.greedy_with_posteriors(outs["encoder_out"][i, :n])
+                            for i, n in enumerate(lens.tolist())))
+        T = max(p.shape[0] for p in paths)
+        lp = np.zeros((len(paths), T, self.transducer.vocab))
+        for i, p in enumerate(paths):
+            lp[i, : p.shape[0]] = p
+        scores = decision.frame_scores(lp, lens, self.blank, self.count_blank)[self.strategy]
+        return scores, (list(hyps) if self.method == "transducer" else None)
+
+    def decode_rows(self, outs: Dict[str, np.ndarray], lens: np.ndarray, rows: np.ndarray) -> List[List[int]]:
+        if self.method == "ctc":
+            return [ctc_greedy(outs["log_probs"][r, :lens[r]], self.blank) for r in rows.tolist()]
+        return [self.transducer.greedy(outs["encoder_out"][r, :lens[r]])[self.transducer.context:] for r in rows.tolist()]
+
+    def run(self, xs: Sequence[np.ndarray]) -> List[Tuple[int, List[int]]]:
+        """(exit layer, token ids) of each input (fbank (T, 80) or samples), climbed as one batch."""
+        lens = np.array([x.shape[0] for x in xs], dtype=np.int64)
+        batch = np.zeros((len(xs), int(lens.max())) + xs[0].shape[1:], dtype=np.float32)
+        for i, x in enumerate(xs):
+            batch[i, : x.shape[0]] = x
+        stem = self.stem.named({"x": batch, "x_lens": lens})
+        h, h_lens = stem["h"], stem["h_lens"]
+        active = np.arange(len(xs))
+        out: List[Optional[Tuple[int, List[int]]]] = [None] * len(xs)
+        for b, block in enumerate(self.blocks):
+            outs = block.named({**stem, "h": h, "h_lens": h_lens})  # the stem hands on h_lens and the position table
+            if b == len(self.blocks) - 1:
+                stop, hyps = np.ones(len(active), dtype=bool), None
+            else:
+                scores, hyps = self.score(outs, h_lens)
+                stop = decision.stops(self.strategy, scores, self.threshold)
+            rows = np.flatnonzero(stop)
+            found = [hyps[r] for r in rows] if hyps is not None else self.decode_rows(outs, h_lens, rows)
+            for r, ids in zip(rows.tolist(), found):
+                out[active[r]] = (self.exits[b], ids)
+            keep = np.flatnonzero(~stop)
+            if len(keep) == 0:
+                break
+            active, h_lens = active[keep], h_lens[keep]
+            h = outs["next"][keep, : int(h_lens.max())]
+        return out
 
 
 def main(argv=None) -> int:
@@ -198,36 +273,75 @@ def main(argv=None) -> int:
         model = Session(d / f"ctc-exit{args.exit_layer}{suffix}")
     else:
         model = Session(d / f"encoder-exit{args.exit_layer}{suffix}")
-        decoder, joiner = Session(d / f"decoder{suffix}"), Session(d / f"joiner{suffix}")
-        context = int(decoder.meta.get("context_size", 2))
+        transducer = Transducer(d, suffix, tokens, int(model.meta.get("blank_id", 0)))
     blank = int(model.meta.get("blank_id", 0))
-    for f in args.sound_files:
-        x = model_input(f, model.meta)
+
+    def decode(x: np.ndarray) -> str:
         out, out_lens = model(x[None], np.array([x.shape[0]], dtype=np.int64))
         n = int(out_lens[0])
-        if args.method == "ctc":
-            ids = ctc_greedy(out[0, :n], blank)
-        else:
-            ids = transducer_greedy(out[0, :n], decoder, joiner, context, blank, unk_id(tokens))[context:]
-        print(f"{f}\t{to_text(ids, tokens)}")
-    return 0
+        ids = ctc_greedy(out[0, :n], blank) if args.method == "ctc" else transducer.greedy(out[0, :n])[transducer.context:]
+        return to_text(ids, tokens)
+
+    failed = 0
+    for f in args.sound_files:
+        try:
+            x = model_input(f, model.meta)
+            check_length(f, x, model.meta)
+        except AudioError as e:
+            failed += report_failure(f, e)
+            continue
+        print(f"{f}\t{decode(x) if x.shape[0] else ''}")
+    return finish(failed, len(args.sound_files))
+
+
+def report_failure(path: Path, error: Exception) -> int:
+    print(f"onnx_decode.py: skipped {path}: {error}", file=sys.stderr)
+    return 1
+
+
+def finish(failed: int, total: int) -> int:
+    """Exit status 1 when some files could not be decoded (each was named), as pretrained.py does."""
+    if failed:
+        print(f"onnx_decode.py: {failed} of {total} file(s) could not be decoded (named above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def decode_dynamic(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
-    runner = BlockRunner(d, suffix)
-    if args.method == "transducer":
-        decoder, joiner = Session(d / f"decoder{suffix}"), Session(d / f"joiner{suffix}")
-        context = int(decoder.meta.get("context_size", 2))
-    blank = int(runner.blocks[0].meta.get("blank_id", 0))
-    for f in args.sound_files:
-        exit_layer, outs, n = runner.run(model_input(f, runner.stem.meta), args.exit_strategy, args.exit_threshold)
-        if args.method == "ctc":
-            ids = ctc_greedy(outs["log_probs"][0, :n], blank)
-        else:
-            ids = transducer_greedy(outs["encoder_out"][0, :n], decoder, joiner, context, blank, unk_id(tokens))[context:]
-        print(f"{f}\t{to_text(ids, tokens)}")
-        print(f"{f}: exit {exit_layer}", file=sys.stderr)
-    return 0
+    probe = Session(d / f"block0{suffix}")
+    scorer = args.exit_scorer or ("ctc" if "log_probs" in probe.outputs else "transducer")
+    blank = int(probe.meta.get("blank_id", 0))
+    transducer = Transducer(d, suffix, tokens, blank) if "transducer" in (scorer, args.method) else None
+    climber = Climber(d, suffix, args.exit_strategy, args.exit_threshold, scorer, args.exit_count_blank, args.method,
+                      transducer)
+    failed = 0
+    pending: List[Tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        for (f, x), (e, ids) in zip(pending, climber.run([x for _, x in pending])):
+            print(f"{f}\t{to_text(ids, tokens)}")
+            print(f"{f}: exit {e}", file=sys.stderr)
+        pending.clear()
+
+    for f in args.sound_files:  # batches of --batch-size files, printed in the order given
+        try:
+            x = model_input(f, climber.stem.meta)
+            check_length(f, x, climber.stem.meta)
+        except AudioError as e:
+            flush()
+            failed += report_failure(f, e)
+            continue
+        if x.shape[0] == 0:  # empty or silent: nothing to transcribe, no block runs
+            flush()
+            print(f"{f}\t")
+            print(f"{f}: exit -", file=sys.stderr)
+            continue
+        pending.append((f, x))
+        if len(pending) >= args.batch_size:
+            flush()
+    flush()
+    return finish(failed, len(args.sound_files))
 
 
 class StreamingRunner:
@@ -240,16 +354,19 @@ class StreamingRunner:
         self.out_frames = int(meta["out_frames"])
         self.blocks = [Session(d / f"block{i}{suffix}") for i in range(int(meta["num_blocks"]))]
         self.exits = [int(b.meta["exit_layer"]) for b in self.blocks]
-        self.outputs = [o.name for o in self.blocks[0].sess.get_outputs()]
+        self.outputs = self.blocks[0].outputs
+        # a block's state: its inputs after h, but those the stem hands on (the position table)
+        self.state_names = [n for n in self.blocks[0].inputs[1:] if n not in self.stem.outputs]
 
     def init_states(self) -> List[List[np.ndarray]]:
         """Zeros (and every cache slot absent) for a stream that has heard nothing, per block."""
         states = []
         for block in self.blocks:
             st = []
-            for i in block.sess.get_inputs()[1:]:
-                shape = [1 if isinstance(d, str) else d for d in i.shape]
-                st.append(np.zeros(shape, dtype=bool if i.name == "valid" else np.float32))
+            for i in block.sess.get_inputs():
+                if i.name in self.state_names:
+                    shape = [1 if isinstance(d, str) else d for d in i.shape]
+                    st.append(np.zeros(shape, dtype=bool if i.name == "valid" else np.float32))
             states.append(st)
         return states
 
@@ -273,19 +390,23 @@ class StreamingRunner:
               strategy: str, threshold: Optional[float]):
         """One chunk: the stem, then block after block until ``stop_at`` or the first exit that passes; the blocks
         above are skipped. Returns (exit layer, its outputs by name, the next embed state)."""
-        h, embed = self.stem(window[None], embed)
+        stem = self.stem.named({"x": window[None], "embed_state": embed})
+        h = stem["h"]
         chosen = None
         for b, block in enumerate(self.blocks):
             if chosen is not None:
                 states[b] = self.skip(states[b])
                 continue
-            outs = dict(zip(self.outputs, block(h, *states[b])))
-            states[b] = [outs["new_valid"]] + [outs["new_" + i.name] for i in block.sess.get_inputs()[2:]]
+            outs = block.named({**stem, **dict(zip(self.state_names, states[b])), "h": h})
+            states[b] = [outs["new_" + n] for n in self.state_names]
             h = outs["next"]
             last = b == len(self.blocks) - 1 or self.exits[b] == stop_at
-            if last or (stop_at is None and passes(strategy, frame_scores(outs["log_probs"][0])[strategy], threshold)):
+            if last or (stop_at is None and decision.stops(
+                    strategy, decision.frame_scores(outs["log_probs"], [outs["log_probs"].shape[1]],
+                                                    int(block.meta.get("blank_id", 0)),
+                                                    tokenless="confident")[strategy][0], threshold)):
                 chosen = (self.exits[b], outs)
-        return chosen[0], chosen[1], embed
+        return chosen[0], chosen[1], stem["new_embed_state"]
 
 
 def decode_streaming(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
@@ -298,18 +419,27 @@ def decode_streaming(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
         raise SystemExit(f"onnx_decode.py: {sd / ('stem' + suffix)} does not exist: {why}")
     runner = StreamingRunner(sd, suffix)
     if args.exit_strategy != "fixed" and "log_probs" not in runner.outputs:
-        raise SystemExit("onnx_decode.py: dynamic exits read the CTC posteriors, but these blocks have no CTC head")
+        raise SystemExit("onnx_decode.py: per-chunk exits read the CTC posteriors, but these blocks have no CTC head")
+    if args.exit_scorer == "transducer":
+        raise SystemExit("onnx_decode.py: --streaming reads the CTC heads per chunk; --exit-scorer transducer is "
+                         "offline only here (streaming_decode.py and serve.py have it)")
     if args.exit_layer is not None and args.exit_layer not in runner.exits:
         raise SystemExit(f"onnx_decode.py: no exit after layer {args.exit_layer}; exits: {runner.exits}")
     stop_at = (args.exit_layer or runner.exits[-1]) if args.exit_strategy == "fixed" else None
-    if args.method == "transducer":
-        decoder, joiner = Session(sd / f"decoder{suffix}"), Session(sd / f"joiner{suffix}")
-        context = int(decoder.meta.get("context_size", 2))
     blank = int(runner.blocks[0].meta.get("blank_id", 0))
+    if args.method == "transducer":
+        transducer = Transducer(sd, suffix, tokens, blank)
+    embed_input = next(i for i in runner.stem.sess.get_inputs() if i.name == "embed_state")
+    failed = 0
     for f in args.sound_files:
-        feats = stream_features(audio(f), runner.T, runner.shift)
+        try:
+            samples = audio(f)
+        except AudioError as e:
+            failed += report_failure(f, e)
+            continue
+        feats = stream_features(samples, runner.T, runner.shift)
         states = runner.init_states()
-        embed = np.zeros((1, 128, 3, 19), dtype=np.float32)
+        embed = np.zeros([1 if isinstance(n, str) else n for n in embed_input.shape], dtype=np.float32)
         hyp, prev, exits = None, blank, []
         ids: List[int] = []
         for k in range(chunks_in(feats.shape[0], runner.T, runner.shift)):
@@ -322,12 +452,12 @@ def decode_streaming(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
                         ids.append(t)
                     prev = t
             else:
-                hyp = transducer_greedy(outs["encoder_out"][0], decoder, joiner, context, blank, unk_id(tokens), hyp)
+                hyp = transducer.greedy(outs["encoder_out"][0], hyp)
         if args.method == "transducer":
-            ids = (hyp or [0] * context)[context:]
+            ids = (hyp or [0] * transducer.context)[transducer.context:]
         print(f"{f}\t{to_text(ids, tokens)}")
         print(f"{f}: chunk exits {' '.join(map(str, exits))}", file=sys.stderr)
-    return 0
+    return finish(failed, len(args.sound_files))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ dynamic exit chosen per utterance.
     ./splitformer/decode.py ... --exit-threshold sweep      # WER-vs-compute curves of every criterion
     ./splitformer/decode.py ... --exit-strategy posterior --exit-budget-macs 60e6   # or --exit-budget-rtf 0.005
 
-A compute budget picks, on ``--budget-set`` (dev), the threshold whose mean encoder cost meets it with the
-lowest WER, then decodes each test set with that threshold and reports the cost reached there.
+Dynamic exits decode batch by batch: utterances that stop leave the batch and the rest climb on. Their
+costs count everything spent: MACs are the encoder's up to each utterance's exit plus the criterion's at every
+exit it was scored at (the last exit is never scored); real-time factors are measured on the whole decode.
+
+A compute budget picks, on ``--budget-set`` (dev, never a set being scored), the threshold whose mean cost
+meets it with the lowest WER, simulated exactly from one pass over every exit; an RTF budget's choice is then
+checked by decoding the budget set with it, as the test sets are decoded. The test sets are decoded with that
+threshold and the cost reached there is reported.
 
 Writes into ``<exp-dir>/<decoding-method>/``: ``recogs-<set>-<tag>.txt``, ``errs-<set>-<tag>.txt``,
 ``wer-summary-<set>-<tag>.txt`` (WER, real-time factors, encoder MACs per second of audio) and
@@ -32,10 +38,11 @@ import torch
 
 from splitformer.decoding.cli import (add_checkpoint_arguments, add_chunk_arguments, add_data_arguments,
                                       add_exit_arguments, add_search_arguments, run_main)
-from splitformer.decoding.exits import SCORED, parse_threshold, pick_under_budget, simulate, sweep_thresholds
+from splitformer.decoding.exits import (SCORED, ExitReader, Traces, parse_threshold, pick_under_budget, reader_macs,
+                                       sweep_thresholds)
 from splitformer.decoding.loading import (DecodeSetupError, apply_chunking, load_model, load_tokenizer, test_loader,
                                          test_sets)
-from splitformer.decoding.results import fmt_macs, mean_seconds, run_tag, update_results_json, word_error_rate, write_run
+from splitformer.decoding.results import fmt_macs, mean_seconds, run_tag, update_results_json, write_run
 from splitformer.decoding.runner import decode_all_exits, decode_dynamic, decode_exit, default_scorer
 from splitformer.decoding.search import CTC_METHODS
 
@@ -95,8 +102,20 @@ def _run(args: argparse.Namespace) -> int:
         raise DecodeSetupError("--exit-scorer transducer needs the transducer, but this model is CTC-only")
     if args.exit_nbest < 1:
         raise DecodeSetupError(f"--exit-nbest must be >= 1, got {args.exit_nbest}")
+    if args.exit_nbest < 2 and (args.exit_strategy == "posterior" or sweep):
+        raise DecodeSetupError(f"--exit-nbest {args.exit_nbest}: the posterior criterion normalises over the N-best, "
+                               "and one hypothesis always has posterior 1; use --exit-nbest 2 or more")
+    scorer = args.exit_scorer or default_scorer(model)
+
+    def reader(strategies) -> ExitReader:
+        return ExitReader(tuple(strategies), scorer, args.exit_nbest, args.decoding_method, args.beam_size,
+                          args.exit_count_blank)
 
     sets = test_sets(args)
+    if budget is not None and args.budget_set in sets:
+        raise DecodeSetupError(f"--budget-set {args.budget_set} is also a set to decode: a threshold chosen on the "
+                               f"set it is scored on says nothing; choose it on another set (dev), or drop "
+                               f"{args.budget_set} from --test-sets")
     bpe = args.bpe_model or Path(f"data/lang_bpe_{margs.vocab_size}/bpe.model")
     tokenizer = load_tokenizer(bpe)
     out_dir = args.exp_dir / args.decoding_method
@@ -104,7 +123,9 @@ def _run(args: argparse.Namespace) -> int:
     params = count_params(model)
     common = dict(exp_dir=str(args.exp_dir), preset=getattr(margs, "preset", None), method=args.decoding_method,
                   beam=args.beam_size, epoch=args.epoch, iter=args.iter, avg=args.avg, use_averaged_model=args.use_averaged_model,
-                  params=params, exits=exits, scorer=args.exit_scorer or default_scorer(model), **chunking)
+                  params=params, exits=exits, scorer=scorer, **chunking)
+    if dynamic or sweep:
+        common.update(nbest=args.exit_nbest, count_blank=args.exit_count_blank)
 
     # MACs per exit (counted on CPU, at each set's mean utterance length) before moving to the device.
     prepared = []
@@ -112,22 +133,26 @@ def _run(args: argparse.Namespace) -> int:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, test_set, args.max_duration, model.input_kind)
         audio_s = float(sum(c.duration for c in cuts))
         ref_seconds = mean_seconds(cuts)
-        prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds)))
+        scored = SCORED if sweep else ((args.exit_strategy,) if dynamic else ())
+        prepared.append((test_set, loader, audio_s, ref_seconds, exit_macs(model, seconds=ref_seconds),
+                         {s: reader_macs(model, reader((s,)), ref_seconds) for s in scored}))
     budget_info: Dict = {}
     if budget is not None:
         loader, cuts = test_loader(args.manifest_dir, args.dataset, args.budget_set, args.max_duration,
                                    model.input_kind)
-        dev_macs = exit_macs(model, seconds=mean_seconds(cuts))
+        dev_s = mean_seconds(cuts)
+        dev_macs = exit_macs(model, seconds=dev_s)
+        dev_scorer = reader_macs(model, reader((args.exit_strategy,)), dev_s)
         model.to(device)
-        threshold, budget_info = choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget, dev_macs)
+        threshold, budget_info = choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget, dev_macs,
+                                                         dev_scorer, reader((args.exit_strategy,)))
     model.to(device)
 
-    for test_set, loader, audio_s, ref_seconds, macs in prepared:
+    for test_set, loader, audio_s, ref_seconds, macs, scorer_macs in prepared:
         json_path = out_dir / f"results-{test_set}.json"
         if sweep or args.exit_layer == "all":
             runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
-                                            desc=f"{test_set} all exits", nbest=args.exit_nbest, scorer=args.exit_scorer,
-                                            strategies=SCORED if sweep else ())
+                                            desc=f"{test_set} all exits", reader=reader(SCORED) if sweep else None)
             rows = []
             for e, run in runs.items():
                 tag = run_tag(args, str(e))
@@ -145,23 +170,24 @@ def _run(args: argparse.Namespace) -> int:
                     f.write(f"{tag}\t{en['exit_layer']}\t{en['wer']:.2f}\t{en['rtf_encoder']:.4f}\t"
                             f"{en['rtf_decode']:.4f}\t{fmt_macs(en['macs_per_second'])}\n")
             if sweep:
-                _write_sweep(out_dir, test_set, args, traces, exits, macs, json_path, common)
+                _write_sweep(out_dir, test_set, args, traces, exits, macs, json_path, common, scorer_macs)
         elif dynamic:
             run = decode_dynamic(model, loader, tokenizer, args.exit_strategy, threshold, args.decoding_method,
-                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}", nbest=args.exit_nbest,
-                                 scorer=args.exit_scorer)
+                                 args.beam_size, device, desc=f"{test_set} {args.exit_strategy}",
+                                 reader=reader((args.exit_strategy,)))
             if budget is None:
                 tag = run_tag(args, f"{args.exit_strategy}-{args.exit_threshold}")
             else:
                 tag = run_tag(args, f"{args.exit_strategy}-budget-{budget[0]}-{budget[1]:g}")
-            used = sum(macs[e] * d for e, d in zip(run.exit_layers, run.durations))
-            mean_macs = used / audio_s if audio_s else 0.0
+            mean_macs, mean_enc_macs = dynamic_macs(run.exit_layers, run.durations, exits, macs,
+                                                    scorer_macs[args.exit_strategy])
             mean_exit = sum(run.exit_layers) / max(len(run.exit_layers), 1)
             extra = dict(common, kind="dynamic", strategy=args.exit_strategy, threshold=threshold,
-                         mean_exit_layer=mean_exit, macs_seconds=ref_seconds,
+                         mean_exit_layer=mean_exit, macs_seconds=ref_seconds, encoder_macs_per_second=mean_enc_macs,
+                         scorer_seconds=run.scorer_seconds, costs="encoder up to the exit + criterion at each exit scored",
                          exit_counts={str(e): run.exit_layers.count(e) for e in exits})
             if budget is not None:
-                achieved = mean_macs if budget[0] == "macs" else (run.encoder_seconds / audio_s if audio_s else math.nan)
+                achieved = mean_macs if budget[0] == "macs" else (run.decode_seconds / audio_s if audio_s else math.nan)
                 extra.update(budget_info)
                 extra.update(kind="budget", achieved_cost=achieved)
             entry = write_run(out_dir, test_set, tag, run.results, run.encoder_seconds, run.decode_seconds, audio_s,
@@ -199,51 +225,94 @@ def _budget(args: argparse.Namespace) -> Optional[Tuple[str, float]]:
     return given[0] if given else None
 
 
+def dynamic_macs(exit_layers: Sequence[int], durations: Sequence[float], exits: Sequence[int], macs: Dict[int, float],
+                 scorer_macs: Dict[int, float]) -> Tuple[float, float]:
+    """Mean MACs per second of audio of a dynamic decode: (everything: the encoder up to each utterance's exit
+    and the criterion at every exit it was scored at; the encoder alone)."""
+    total = enc = dur = 0.0
+    for layer, d in zip(exit_layers, durations):
+        k = exits.index(layer)
+        scored = exits[: k + 1] if layer != exits[-1] else exits[:-1]
+        enc += macs[layer] * d
+        total += (macs[layer] + sum(scorer_macs[e] for e in scored)) * d
+        dur += d
+    return (total / dur, enc / dur) if dur > 0 else (0.0, 0.0)
+
+
 def choose_budget_threshold(model, tokenizer, loader, cuts, args, device, budget: Tuple[str, float],
-                            macs: Dict[int, float]) -> Tuple[float, Dict]:
+                            macs: Dict[int, float], scorer_macs: Dict[int, float], reader: ExitReader
+                            ) -> Tuple[float, Dict]:
     """The threshold of ``args.exit_strategy`` that meets ``budget`` on the budget set with the lowest WER.
 
-    One pass reads every exit of every utterance; each threshold's WER and mean cost are then simulated
-    exactly (MACs counted per exit; RTF measured per exit on this pass, on this machine).
+    One pass reads every exit of every utterance with the batched climb that decodes the test sets; every
+    distinct threshold's WER and cost are then simulated exactly (MACs counted per exit, encoder and criterion;
+    RTF measured per exit on this pass). An RTF choice is then checked by decoding the budget set with it; when
+    the real decode overshoots, the budget is tightened by the overshoot and the choice made again (3 tries).
     """
     runs, traces = decode_all_exits(model, loader, tokenizer, args.decoding_method, args.beam_size, device,
-                                    desc=f"{args.budget_set} all exits (budget)", nbest=args.exit_nbest,
-                                    scorer=args.exit_scorer, strategies=(args.exit_strategy,))
+                                    desc=f"{args.budget_set} all exits (budget)", reader=reader)
     exits = model.exits
-    audio_s = float(sum(c.duration for c in cuts)) or 1.0
     kind, value = budget
-    costs = [macs[e] for e in exits] if kind == "macs" else [runs[e].encoder_seconds / audio_s for e in exits]
+    enc = [macs[e] for e in exits]
+    scr = [scorer_macs[e] for e in exits]
     rows = []
-    for t in sweep_thresholds(traces, args.exit_strategy, points=64):
-        results, stats = simulate(traces, args.exit_strategy, t, exits, costs)
-        rows.append(dict(threshold=t, wer=word_error_rate(results)[0], cost=stats["macs_per_second"]))
-    try:
-        best = pick_under_budget(rows, value)
-    except ValueError as e:
-        raise DecodeSetupError(f"--exit-budget-{kind} on {args.budget_set}: {e}") from None
-    info = dict(budget_kind=kind, budget=value, budget_set=args.budget_set, dev_wer=best["wer"], dev_cost=best["cost"],
-                exit_costs={str(e): c for e, c in zip(exits, costs)})
+    for t in sweep_thresholds(traces, args.exit_strategy, points=None):
+        sim = traces.simulate(args.exit_strategy, t, exits, enc, scr)
+        rows.append(dict(threshold=t, wer=sim["wer"], cost=sim["macs_per_second" if kind == "macs" else "rtf"]))
+    target = value
+    audio_s = float(sum(c.duration for c in cuts)) or 1.0
+    for attempt in range(3):
+        try:
+            best = pick_under_budget(rows, target)
+        except ValueError as e:
+            raise DecodeSetupError(f"--exit-budget-{kind} on {args.budget_set}: {e}") from None
+        if kind == "macs":
+            measured = best["cost"]
+            break
+        run = decode_dynamic(model, loader, tokenizer, args.exit_strategy, best["threshold"], args.decoding_method,
+                             args.beam_size, device, desc=f"{args.budget_set} check (budget)", reader=reader)
+        measured = run.decode_seconds / audio_s
+        logging.info(f"budget rtf {value:.6g}: threshold {best['threshold']:.6g} simulated {best['cost']:.6g}, "
+                     f"measured {measured:.6g} decoding {args.budget_set}")
+        if measured <= value:
+            break
+        target *= value / measured
+    else:
+        raise DecodeSetupError(f"--exit-budget-rtf {value:g} on {args.budget_set}: the decode measured {measured:.6g} "
+                               "after three tries; give a larger budget (this machine's cheapest is every utterance "
+                               "at the first exit)")
+    info = dict(budget_kind=kind, budget=value, budget_set=args.budget_set, dev_wer=best["wer"], dev_cost=measured,
+                dev_cost_simulated=best["cost"], thresholds_tried=len(rows),
+                dev_cost_range=[min(r["cost"] for r in rows), max(r["cost"] for r in rows)],
+                exit_costs={str(e): c for e, c in zip(exits, enc)}, scorer_costs={str(e): c for e, c in zip(exits, scr)})
     logging.info(f"budget {kind} {value:.6g}: {args.exit_strategy} threshold {best['threshold']:.6g} gives "
-                 f"{best['wer']:.2f}% WER at cost {best['cost']:.6g} on {args.budget_set}")
+                 f"{best['wer']:.2f}% WER at cost {measured:.6g} on {args.budget_set}")
     return best["threshold"], info
 
 
-def _write_sweep(out_dir: Path, test_set: str, args, traces, exits, macs, json_path: Path, common: Dict) -> None:
-    """WER against mean compute for every criterion, simulated exactly from the all-exit pass."""
-    per_exit_macs = [macs[e] for e in exits]
+def _write_sweep(out_dir: Path, test_set: str, args, traces: Traces, exits, macs, json_path: Path, common: Dict,
+                 scorer_macs: Dict[str, Dict[int, float]]) -> None:
+    """WER against mean compute for every criterion, simulated exactly from the all-exit pass; the compute
+    counts the encoder up to each exit and the criterion at every exit scored."""
+    enc = [macs[e] for e in exits]
     tag = run_tag(args, "sweep")
     curves: Dict[str, List[Dict]] = {}
-    lines = ["strategy\tthreshold\tWER\tmean_exit_layer\tmean_MACs_per_s"]
+    lines = ["strategy\tthreshold\tWER\tmean_exit_layer\tmean_MACs_per_s\tencoder_MACs_per_s"]
     for strategy in SCORED:
         rows = []
+        scr = [scorer_macs[strategy][e] for e in exits]
         for t in sweep_thresholds(traces, strategy):
-            results, stats = simulate(traces, strategy, t, exits, per_exit_macs)
-            wer, _ = word_error_rate(results)
-            rows.append(dict(threshold=t, wer=wer, **stats))
-            lines.append(f"{strategy}\t{t:.6g}\t{wer:.2f}\t{stats['mean_exit_layer']:.3f}\t{stats['macs_per_second']:.0f}")
+            sim = traces.simulate(strategy, t, exits, enc, scr)
+            enc_only = traces.simulate(strategy, t, exits, enc, [0.0] * len(exits))["macs_per_second"]
+            rows.append(dict(threshold=t, wer=sim["wer"], mean_exit_layer=sim["mean_exit_layer"],
+                             macs_per_second=sim["macs_per_second"], encoder_macs_per_second=enc_only))
+            lines.append(f"{strategy}\t{t:.6g}\t{sim['wer']:.2f}\t{sim['mean_exit_layer']:.3f}\t"
+                         f"{sim['macs_per_second']:.0f}\t{enc_only:.0f}")
         curves[strategy] = rows
     (out_dir / f"dynamic-sweep-{test_set}-{tag}.tsv").write_text("\n".join(lines) + "\n")
     entry = dict(common, tag=tag, test_set=test_set, kind="dynamic-sweep",
+                 costs="encoder up to the exit + criterion at each exit scored",
+                 scorer_macs={k: {str(e): v for e, v in m.items()} for k, m in scorer_macs.items()},
                  curves={k: [dict(r, threshold=(None if math.isinf(r["threshold"]) else r["threshold"])) for r in v]
                          for k, v in curves.items()})
     update_results_json(json_path, entry)

@@ -5,6 +5,11 @@
     ./splitformer/pretrained.py --checkpoint exp/splitformer-cpu/onnx/pretrained.pt \\
         --bpe-model data/lang_bpe_30/bpe.model --exit-layer 6 a.wav b.flac
     ./splitformer/pretrained.py ... --files-from list.txt --output transcripts.tsv
+    ./splitformer/pretrained.py ... --exit-strategy confidence --exit-threshold 0.9 a.wav   # dynamic exits
+
+With ``--exit-strategy`` each file climbs the exits and stops at the first whose criterion passes (the batched
+climb decode.py runs; the decision of splitformer.decoding.decision, which examples/onnx_decode.py shares); the
+exit each file took goes to stderr.
 
 Writes ``<file>\\t<transcript>`` per file, in the order given (to stdout, or to ``--output``). The
 checkpoint must hold ``model`` and ``args`` (the model flags): an ``epoch-N.pt`` of train.py, or the
@@ -30,16 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from splitformer.decoding.audio import AudioError, file_features, file_samples
+from splitformer.decoding.audio import AudioError, read_model_input
 from splitformer.decoding.loading import DecodeSetupError, build_and_load, checkpoint_args, load_checkpoint_file, model_state
+from splitformer.decoding.exits import SCORERS, STRATEGIES, ExitReader
 from splitformer.decoding.search import CTC_METHODS, METHODS, run_search
-
-
-# Audio shorter than this is padded with silence before the front end (its convolutions need
-# a few frames); the padding is silence, so it adds no words.
-MIN_SECONDS = 0.5
-# Peak amplitude below which a file is digital silence (-100 dBFS): nothing to transcribe.
-SILENCE_PEAK = 1e-5
+from splitformer.utils import str2bool
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,14 @@ def get_parser() -> argparse.ArgumentParser:
                    help="refused: an epoch-N.pt's model_avg averages the whole run; export.py writes the right average")
     p.add_argument("--bpe-model", type=Path, required=True)
     p.add_argument("--exit-layer", type=int, default=None, help="layer whose exit decodes (default: the last)")
+    p.add_argument("--exit-strategy", choices=STRATEGIES, default="fixed",
+                   help="entropy/confidence/posterior: stop each file at the first exit whose criterion passes")
+    p.add_argument("--exit-threshold", type=float, default=None)
+    p.add_argument("--exit-scorer", choices=SCORERS, default=None,
+                   help="what the criterion reads: the CTC heads (default when the model has them) or the transducer")
+    p.add_argument("--exit-nbest", type=int, default=4, help="N-best size of the posterior criterion")
+    p.add_argument("--exit-count-blank", type=str2bool, default=True,
+                   help="entropy/confidence over every frame (true) or the frames whose best symbol is a token")
     p.add_argument("--decoding-method", type=str, default="greedy_search", choices=METHODS)
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--max-duration", type=float, default=200.0, help="seconds of audio (padding included) per batch")
@@ -92,6 +100,7 @@ class Transcript:
     path: Path
     text: str = ""
     error: Optional[str] = None
+    exit_layer: Optional[int] = None
 
 
 def batches(items: Iterable[Tuple[int, np.ndarray]], max_frames: int) -> Iterator[List[Tuple[int, np.ndarray]]]:
@@ -112,35 +121,39 @@ def batches(items: Iterable[Tuple[int, np.ndarray]], max_frames: int) -> Iterato
 
 @torch.no_grad()
 def transcribe(model, tokenizer, files: Sequence[Path], exit_layer: Optional[int], method: str, beam: int,
-               max_duration: float = 200.0, progress: bool = False) -> Iterator[Transcript]:
+               max_duration: float = 200.0, progress: bool = False,
+               rule: Optional[Tuple[ExitReader, str, float]] = None) -> Iterator[Transcript]:
     """One Transcript per file, in order, a batch at a time; a file that cannot be read gets its
-    error instead of a transcript and the others go on."""
+    error instead of a transcript and the others go on. ``rule``: (reader, strategy, threshold) of dynamic exits."""
+    from splitformer.decoding.runner import climb_batch
+
     layer = model.exits[model.exit_index(exit_layer)]
     out: Dict[int, Transcript] = {}
     next_out = 0
 
-    read = file_samples if model.input_kind == "waveform" else file_features  # what the model reads
-
     def features() -> Iterator[Tuple[int, np.ndarray]]:
         for i, f in enumerate(tqdm(files, desc="transcribing", unit="file", disable=not progress)):
             out[i] = Transcript(f)
-            try:
-                x, peak = read(f, MIN_SECONDS)
+            try:  # the reader examples/onnx_decode.py uses too: the same input, the same silence and error rules
+                x = read_model_input(f, model.input_kind)
             except AudioError as e:
                 out[i].error = str(e)
                 continue
-            except Exception as e:  # resampling or the fbank failed on this file: it alone is lost
-                out[i].error = f"cannot compute features of {f}: {type(e).__name__}: {e}"
-                continue
-            if x.shape[0] > 0 and peak >= SILENCE_PEAK:
-                yield i, x
+            if not x.silent:
+                yield i, x.x
 
     for batch in batches(features(), max(1, int(max_duration * model.input_rate))):
         lens = torch.tensor([x.shape[0] for _, x in batch])
         feats = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(x) for _, x in batch], batch_first=True)
-        enc, enc_lens = model.encode(feats, lens, exit_layer=layer)
-        for (i, _), h in zip(batch, run_search(model, method, enc, enc_lens, layer, beam)):
-            out[i].text = " ".join(tokenizer.decode(h.tokens).split()) if h.tokens else ""  # one space between words
+        if rule is not None:
+            c = climb_batch(model, feats, lens, tokenizer, rule[0], method, beam, feats.device, rule=rule[1:])
+            for j, (i, _) in enumerate(batch):
+                k = int(c.stop_index[j])
+                out[i].text, out[i].exit_layer = " ".join(c.words[j][k]), model.exits[k]
+        else:
+            enc, enc_lens = model.encode(feats, lens, exit_layer=layer)
+            for (i, _), h in zip(batch, run_search(model, method, enc, enc_lens, layer, beam)):
+                out[i].text = " ".join(tokenizer.decode(h.tokens).split()) if h.tokens else ""  # one space between words
         while next_out <= batch[-1][0]:  # every file up to this batch's last one is settled
             yield out.pop(next_out)
             next_out += 1
@@ -165,6 +178,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise DecodeSetupError(f"{args.decoding_method} needs a CTC head, but this model has none")
         if args.decoding_method not in CTC_METHODS and not model.use_transducer:
             raise DecodeSetupError(f"{args.decoding_method} needs the transducer, but this model is CTC-only")
+        rule = None
+        if args.exit_strategy != "fixed":
+            if args.exit_threshold is None or args.exit_layer is not None:
+                raise DecodeSetupError("--exit-strategy needs --exit-threshold, and chooses the exit itself "
+                                       "(drop --exit-layer)")
+            scorer = args.exit_scorer or ("ctc" if model.use_ctc else "transducer")
+            if (scorer == "ctc" and not model.use_ctc) or (scorer == "transducer" and not model.use_transducer):
+                raise DecodeSetupError(f"--exit-scorer {scorer}: this model has no {scorer} to read")
+            try:
+                reader = ExitReader((args.exit_strategy,), scorer, args.exit_nbest, args.decoding_method,
+                                    args.beam_size, args.exit_count_blank)
+            except ValueError as e:
+                raise DecodeSetupError(str(e)) from None
+            rule = (reader, args.exit_strategy, args.exit_threshold)
         tokenizer = load_tokenizer(args.bpe_model)
         sink = open(args.output, "w") if args.output is not None else sys.stdout
     except (DecodeSetupError, OSError) as e:
@@ -173,11 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = 0
     try:
         for t in transcribe(model, tokenizer, files, args.exit_layer, args.decoding_method, args.beam_size,
-                            args.max_duration, progress=len(files) >= 20):
+                            args.max_duration, progress=len(files) >= 20, rule=rule):
             if t.error is not None:
                 failed += 1
                 print(f"pretrained.py: skipped {t.path}: {t.error}", file=sys.stderr)
                 continue
+            if rule is not None:
+                print(f"{t.path}: exit {t.exit_layer if t.exit_layer is not None else '-'}", file=sys.stderr)
             sink.write(f"{t.path}\t{t.text}\n")
             sink.flush()
     finally:

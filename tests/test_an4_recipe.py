@@ -107,10 +107,12 @@ def test_the_trained_model_decodes_alike_in_decode_py_pretrained_py_and_onnxrunt
                 assert same >= len(cuts) - len(cuts) // 12, list(zip(from_decode, torch_words))
 
 
-def test_dynamic_exits_in_onnxruntime_stop_where_pytorch_stops(recipe_export, an4_data):
-    """The per-block ONNX form (export.py --blocks true) run by examples/onnx_decode.py --exit-strategy: each
-    utterance stops at the exit PyTorch's own climb picks for the same audio and threshold, with the same words,
-    and the blocks above it are not run (the stderr log names one exit per file)."""
+@pytest.mark.parametrize("scorer", ["ctc", "transducer"])
+def test_dynamic_exits_in_onnxruntime_stop_where_pytorch_stops(recipe_export, an4_data, scorer):
+    """The per-block ONNX form (export.py --blocks true) run by examples/onnx_decode.py --exit-strategy, reading
+    the CTC heads or the transducer: each utterance stops at the exit PyTorch's own climb picks for the same audio
+    and threshold, with the same words, and the blocks above it are not run (the stderr log names one exit per
+    file). (The same check on a three-block model with branches: tests/test_export_blocks.py.)"""
     from lhotse import CutSet
 
     from splitformer.decoding.audio import file_features
@@ -129,7 +131,7 @@ def test_dynamic_exits_in_onnxruntime_stop_where_pytorch_stops(recipe_export, an
         for f in files:
             x = torch.from_numpy(file_features(f)[0])[None]
             lens = torch.tensor([x.shape[1]])
-            climbs.append([(e, model_exit_scores(model, o, l, e, "ctc", strategies=("confidence",))["confidence"].item(),
+            climbs.append([(e, model_exit_scores(model, o, l, e, scorer, strategies=("confidence",))["confidence"].item(),
                             o, l) for e, o, l in model.iter_exits(x, lens)])
     first = sorted(c[0][1] for c in climbs)
     threshold = (first[len(first) // 2 - 1] + first[len(first) // 2]) / 2  # half the files stop at the first exit
@@ -142,7 +144,8 @@ def test_dynamic_exits_in_onnxruntime_stop_where_pytorch_stops(recipe_export, an
             want_words.append(" ".join(sp.decode(hyp.tokens).split()) if hyp.tokens else "")
     assert len(set(want_exits)) > 1, want_exits  # the threshold splits the files between exits
     r = subprocess.run([sys.executable, str(REPO / "examples" / "onnx_decode.py"), "--model-dir", str(out_dir),
-                        "--exit-strategy", "confidence", "--exit-threshold", repr(threshold), *files],
+                        "--exit-strategy", "confidence", "--exit-threshold", repr(threshold), "--exit-scorer", scorer,
+                        *files],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got_exits = [int(ln.rsplit("exit ", 1)[1]) for ln in r.stderr.splitlines() if ": exit " in ln]

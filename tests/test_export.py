@@ -280,6 +280,50 @@ def test_int8_files_run_and_are_smaller(exported, tmp_path):
         q.unlink()
 
 
+def test_int8_files_are_compared_with_pytorch_and_a_wrong_one_fails(exported):
+    """checks.check_int8: each int8 file within a relative RMS error of INT8_TOLERANCE of PyTorch (its largest
+    difference is not a useful bound); the encoder of another exit, quantized, is far outside it."""
+    from splitformer.export import quantize_int8
+    from splitformer.export.checks import INT8_TOLERANCE, check_int8
+
+    model, out, _ = exported("splitformer-zip")
+    files = {f"{n}.int8": quantize_int8(out / f"{n}.onnx") for n in ("encoder-exit2", "ctc-exit4", "decoder", "joiner")}
+    try:
+        logged: list = []
+        diffs = check_int8(model, files, [[173, 118], [96]], log=logged.append)
+        assert set(diffs) == {"encoder-exit2.int8", "ctc-exit4.int8", "decoder+joiner.int8"}
+        assert all(0 < d.rel < INT8_TOLERANCE for d in diffs.values()), {n: str(d) for n, d in diffs.items()}
+        assert diffs["ctc-exit4.int8"].frames > 0 and diffs["ctc-exit4.int8"].agree > 0.9
+        assert all(f"relative RMS error must be <= {INT8_TOLERANCE}" in line for line in logged)
+        wrong = {"encoder-exit4.int8": files["encoder-exit2.int8"]}
+        with pytest.raises(ExportError, match="encoder-exit4.int8: the int8 file's outputs differ from PyTorch"):
+            check_int8(model, wrong, [[96]], log=lambda s: None)
+    finally:
+        for f in files.values():
+            f.unlink()
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("zipformer2", {}),  # conv2d front end x2, output averaging x2
+    ("zipformer2", dict(output_downsampling_factor=1)),  # the bug: was written as 4
+    ("zipformer2", dict(preset="zipformer-cpu-lite")),  # conv1d x4 front end, no output averaging
+    ("splitformer-zip", {}),  # conv2d x2, input downsampling x2
+    ("splitformer-cpu", {}),  # conv1d x4, no input downsampling
+    ("ee-conformer", {}),
+])
+def test_subsampling_factor_metadata_is_the_models_own(kind, overrides):
+    """The metadata's input frames per output frame against what the model does to a long input."""
+    from splitformer.export.common import subsampling_factor
+
+    args = default_model_args(**dict(TINY[kind], **overrides))
+    model = build_model(args, VOCAB).eval()
+    n = 4000
+    with torch.no_grad():
+        _, lens = model.encode(torch.zeros(1, n, 80), torch.tensor([n]))
+    factor = subsampling_factor(vars(args))
+    assert factor == round(n / int(lens[0])), (factor, n, int(lens[0]))
+
+
 def test_cli_script_exports_average_tokens_and_pretrained(tmp_path):
     exp = make_exp_dir(tmp_path, "ee-conformer")
     tokens = tmp_path / "tokens.txt"
@@ -293,6 +337,7 @@ def test_cli_script_exports_average_tokens_and_pretrained(tmp_path):
         "ctc-exit2.onnx", "ctc-exit2.int8.onnx", "encoder-exit2.onnx", "encoder-exit2.int8.onnx", "decoder.onnx",
         "decoder.int8.onnx", "joiner.onnx", "joiner.int8.onnx", "tokens.txt", "pretrained.pt"])
     assert "max |onnx - torch|" in r.stderr
+    assert "ctc-exit2.int8: max |onnx - torch|" in r.stderr and "relative RMS error must be <=" in r.stderr
     pre = load_checkpoint(out / "pretrained.pt", required_keys=("model", "args"))
     avg = average_checkpoints([exp / "epoch-1.pt", exp / "epoch-2.pt"])
     assert set(pre["model"]) == set(avg) and all(torch.equal(pre["model"][k], avg[k]) for k in avg)

@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 
 from splitformer.decoding.exits import SCORERS, STRATEGIES
 from splitformer.decoding.search import METHODS
+from splitformer.utils import str2bool
 
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,13 +42,19 @@ def add_exit_arguments(p: argparse.ArgumentParser, per: str = "utterance") -> No
     p.add_argument("--exit-scorer", type=str, default=None, choices=list(SCORERS),
                    help="what the criteria read at each exit: its CTC head (default when the model has one) or its "
                         "transducer (greedy-path posteriors, blank included; modified-beam N-best for posterior)")
+    if per == "utterance":
+        p.add_argument("--exit-count-blank", type=str2bool, default=True,
+                       help="entropy/confidence: average over every frame (true) or only over the frames whose best "
+                            "symbol is a token (false). Either way an exit whose best path holds no token climbs on")
     p.add_argument("--exit-budget-macs", type=float, default=None,
-                   help="mean MACs per second of audio the dynamic exits may spend; the --exit-strategy "
-                        "threshold is chosen on --budget-set to meet it with the lowest WER")
+                   help="mean MACs per second of audio the dynamic exits may spend (the encoder up to each exit and "
+                        "the criterion at every exit scored); the --exit-strategy threshold is chosen on --budget-set to "
+                        "meet it with the lowest WER")
     if per == "utterance":
         p.add_argument("--exit-budget-rtf", type=float, default=None,
-                       help="the same for the encoder's real-time factor on this machine (each exit's RTF measured "
-                            "on --budget-set)")
+                       help="the same for the decoding real-time factor on this machine (encoder, criterion and "
+                            "search): simulated from a pass over --budget-set, then checked by decoding --budget-set "
+                            "with the chosen threshold as the test sets are decoded")
     p.add_argument("--budget-set", type=str, default="dev", help="the set on which a budget's threshold is chosen")
 
 

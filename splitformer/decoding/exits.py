@@ -1,130 +1,70 @@
-"""Dynamic exit selection (Wright et al. 2023): climb the exits and stop at the first one whose
-outputs look confident enough.
+"""Dynamic exit selection (Wright et al. 2023) for PyTorch models: read an exit, score it, and keep the
+traces from which a sweep over thresholds is simulated exactly.
 
-Criteria, computed over the utterance's valid frames on the posteriors of an exit: its CTC head's
-(``--exit-scorer ctc``) or its transducer's along the greedy path, blank included (``transducer``):
+The decision itself (frame scores, the stop rule, the exit choice, their defined values for empty outputs
+and ``-inf`` scores) is :mod:`splitformer.decoding.decision`, in numpy, shared with the torch-free ONNX
+example. Here the exits' posteriors are read from the model:
 
-- ``entropy``: mean frame entropy (nats) of the posteriors; exit when it is **below** the threshold.
-  Threshold 0 never exits early (entropy >= 0), so it gives the last exit; threshold +inf gives the first.
-- ``confidence``: mean over frames of the max posterior (in [1/V, 1]); exit when it is **above** the
-  threshold. Threshold 0 gives the first exit, threshold >= 1 (or +inf) the last.
-- ``posterior``: paper 1's (Wright et al., and the authors' ``util/beam_infer.py``): the posterior of the
-  best hypothesis among the N-best of a CTC prefix beam search at that exit, i.e. a softmax over the
-  N-best scores; exit when it is **above** the threshold. 0 gives the first exit, >= 1 the last.
-- ``fixed``: never exits early (use ``--exit-layer`` to pick the exit).
+- ``--exit-scorer ctc``: the exit's CTC head (entropy, confidence over its frames; posterior: the N-best of
+  a CTC prefix beam search);
+- ``--exit-scorer transducer``: the joiner's posteriors over blank and the tokens along the greedy path
+  (entropy, confidence), or the N-best of its modified beam search (posterior). The transducer is what
+  decodes, so its confidence says whether this exit's answer is good; the CTC head is a cheaper proxy.
 
-The last exit always stops. The decision at an exit depends only on that exit's output, so a sweep
-over thresholds can be simulated exactly from one pass that reads every exit (:func:`simulate`).
+When the scoring pass is the decoding search itself (greedy decoding read by the transducer scorer, CTC
+greedy decoding by the CTC scorer, a beam search of width N read by the posterior of that N-best), the
+hypotheses of an exit that stops come from it: the search does not run twice. The last exit always stops,
+so it is never scored.
 """
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-STRATEGIES = ("fixed", "entropy", "confidence", "posterior")
-SCORED = ("entropy", "confidence", "posterior")  # the strategies that read a score at each exit
+from splitformer.decoding import decision
+from splitformer.decoding.decision import thresholds_between
 
-
-def mean_entropy(log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) log-probs -> (B,) mean entropy over each utterance's frames (0 for empty ones).
-
-    A posterior of exactly 0 (log-prob -inf) adds 0, its limit, not ``0 * -inf = NaN``: a NaN score
-    would never stop the climb, and would do so silently.
-    """
-    p = log_probs.exp()
-    ent = -torch.where(p > 0, p * log_probs, torch.zeros_like(p)).sum(-1)  # (B, T)
-    return _masked_mean(ent, lens)
-
-
-def mean_max_posterior(log_probs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) log-probs -> (B,) mean over frames of the largest posterior (1 for empty ones)."""
-    conf = log_probs.max(-1).values.exp()
-    out = _masked_mean(conf, lens)
-    return torch.where(lens > 0, out, torch.ones_like(out))
-
-
-def nbest_posterior(log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4, blank_id: int = 0) -> torch.Tensor:
-    """(B, T, V) CTC log-probs -> (B,) posterior of the best of the ``nbest`` prefix-beam hypotheses,
-    exp(s_1 - logsumexp(s_1..s_N)) (1 for an empty utterance, whose only hypothesis is the empty one)."""
-    from splitformer.decoding.search import ctc_prefix_beam_nbest
-
-    return _share_of_best(ctc_prefix_beam_nbest(log_probs, lens, beam=nbest, blank_id=blank_id))
-
-
+STRATEGIES = decision.STRATEGIES
+SCORED = decision.SCORED
 SCORERS = ("ctc", "transducer")
 
 
-def _share_of_best(nbests) -> torch.Tensor:
-    """Per utterance, exp(s_1 - logsumexp(s)) over its N-best scores (best first)."""
-    out = []
-    for hyps in nbests:
-        scores = torch.tensor([h.log_prob for h in hyps], dtype=torch.float64)
-        out.append(math.exp(float(scores[0] - torch.logsumexp(scores, 0))))
-    return torch.tensor(out, dtype=torch.float64)
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).numpy()
 
 
-def model_exit_scores(model, enc: torch.Tensor, enc_lens: torch.Tensor, exit_layer: int, scorer: str = "ctc",
-                      nbest: int = 4, strategies: Sequence[str] = SCORED) -> Dict[str, torch.Tensor]:
-    """(B,) score of each criterion in ``strategies`` at one exit, read from that exit's outputs.
-
-    ``scorer="ctc"`` reads the exit's CTC head; ``"transducer"`` reads the transducer itself: the joiner's
-    per-frame posteriors over blank and the tokens along the greedy path (entropy, confidence), and the
-    N-best of its modified beam search (posterior). The transducer is what decodes, so its confidence is
-    the one that says whether this exit's answer is good; the CTC head is a cheaper, weaker proxy.
-    """
-    from splitformer.decoding.search import greedy_search_with_posteriors, modified_beam_nbest
-
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown exit scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    out: Dict[str, torch.Tensor] = {}
-    if scorer == "ctc":
-        lp = model.ctc_log_probs(enc, exit_layer)
-    else:
-        proj = model.project_encoder(enc, exit_layer)
-        lp = None
-        if any(s in strategies for s in ("entropy", "confidence")):
-            _, lp = greedy_search_with_posteriors(model, proj, enc_lens)
-    for s in strategies:
-        if s == "posterior" and scorer == "transducer":
-            out[s] = _share_of_best(modified_beam_nbest(model, proj, enc_lens, nbest))
-        else:
-            out[s] = exit_score(s, lp, enc_lens, nbest, model.blank_id)
-    return out
-
-
-def _masked_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, T) ``x`` over each row's first ``lens`` frames; what padding holds (even NaN) is ignored."""
-    mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) < lens.to(x.device).unsqueeze(1)
-    return torch.where(mask, x, torch.zeros_like(x)).sum(1) / lens.to(x.device).clamp(min=1)
-
-
-def exit_score(strategy: str, log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4, blank_id: int = 0) -> torch.Tensor:
-    if strategy == "entropy":
-        return mean_entropy(log_probs, lens)
-    if strategy == "confidence":
-        return mean_max_posterior(log_probs, lens)
+def exit_score(strategy: str, log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4, blank_id: int = 0,
+               count_blank: bool = True, tokenless: str = "uncertain") -> torch.Tensor:
+    """(B,) float64 score of (B, T, V) log-posteriors under ``strategy`` (posterior: of a CTC prefix beam's
+    N-best), computed by :mod:`decision`."""
+    decision.check_strategy(strategy)
     if strategy == "posterior":
-        return nbest_posterior(log_probs, lens, nbest, blank_id)
-    raise ValueError(f"exit strategy {strategy!r} has no score; choose one of {', '.join(SCORED)}")
+        return nbest_posterior(log_probs, lens, nbest, blank_id, tokenless)
+    scores = decision.frame_scores(_np(log_probs), lens.tolist(), blank_id, count_blank, tokenless)
+    return torch.from_numpy(scores[strategy])
+
+
+def posterior_of(nbests, nbest: int, tokenless: str = "uncertain") -> torch.Tensor:
+    """(B,) posterior of the best of each N-best list of :class:`~splitformer.decoding.search.Hyp`."""
+    decision.check_nbest("posterior", nbest)
+    return torch.from_numpy(decision.nbest_posterior([[h.log_prob for h in hyps] for hyps in nbests],
+                                                     [not hyps[0].tokens for hyps in nbests], nbest, tokenless))
+
+
+def nbest_posterior(log_probs: torch.Tensor, lens: torch.Tensor, nbest: int = 4, blank_id: int = 0,
+                    tokenless: str = "uncertain") -> torch.Tensor:
+    """(B,) posterior of the best of the ``nbest`` CTC prefix-beam hypotheses."""
+    from splitformer.decoding.search import ctc_prefix_beam_nbest
+
+    decision.check_nbest("posterior", nbest)
+    return posterior_of(ctc_prefix_beam_nbest(log_probs, lens, beam=nbest, blank_id=blank_id), nbest, tokenless)
 
 
 def stops(strategy: str, score: float, threshold: float) -> bool:
-    if strategy == "entropy":
-        return score < threshold
-    if strategy in ("confidence", "posterior"):
-        return score > threshold
-    if strategy == "fixed":
-        return False
-    raise ValueError(f"unknown exit strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-
-
-def choose_exit(strategy: str, threshold: float, scores: Sequence[float]) -> int:
-    """Index of the first exit whose score stops the climb; the last exit otherwise."""
-    for i, s in enumerate(scores):
-        if stops(strategy, s, threshold):
-            return i
-    return len(scores) - 1
+    """Whether one score stops the climb (:func:`decision.stops`)."""
+    return bool(decision.stops(strategy, score, threshold))
 
 
 def parse_threshold(text: str) -> float:
@@ -135,70 +75,161 @@ def parse_threshold(text: str) -> float:
 
 
 @dataclass
-class UttTrace:
-    """What one pass over every exit tells about one utterance."""
+class ExitReader:
+    """How a dynamic decode reads an exit: the criteria to score, from which posteriors, and the search whose
+    hypotheses it will want there (to take them from the scoring pass when that pass is the search)."""
 
-    cut_id: str
-    duration: float
-    ref: List[str]
-    hyps: List[List[str]]  # per exit
-    # per exit, for the criteria the pass was asked to score (empty for the others)
-    entropy: List[float] = field(default_factory=list)
-    confidence: List[float] = field(default_factory=list)
-    posterior: List[float] = field(default_factory=list)
+    strategies: Tuple[str, ...]
+    scorer: str = "ctc"
+    nbest: int = 4
+    method: str = "greedy_search"
+    beam: int = 4
+    count_blank: bool = True
 
-    def scores(self, strategy: str) -> List[float]:
-        """This utterance's score at every exit under ``strategy``."""
-        if strategy not in SCORED:
-            raise ValueError(f"exit strategy {strategy!r} has no score; choose one of {', '.join(SCORED)}")
-        out = getattr(self, strategy)
-        if len(out) != len(self.hyps):
-            raise ValueError(f"the pass that made this trace did not score {strategy!r}")
-        return out
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown exit scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        for s in self.strategies:
+            decision.check_strategy(s)
+            decision.check_nbest(s, self.nbest)
+
+    def gives_hyps(self) -> bool:
+        """Whether :meth:`read` returns the decoding method's hypotheses (no search needed at a stopping exit)."""
+        frame = any(s in decision.FRAME_SCORED for s in self.strategies)
+        post = "posterior" in self.strategies and self.beam == self.nbest
+        if self.scorer == "ctc":
+            return (self.method == "ctc_greedy_search" and frame) or (self.method == "ctc_prefix_beam_search" and post)
+        return (self.method == "greedy_search" and frame) or (self.method == "modified_beam_search" and post)
+
+    @torch.no_grad()
+    def read(self, model, enc: torch.Tensor, enc_lens: torch.Tensor, exit_layer: int
+             ) -> Tuple[Dict[str, np.ndarray], Optional[list]]:
+        """(B,) float64 scores per criterion at this exit, and the decoding method's hypotheses when the
+        scoring pass computed them (see :meth:`gives_hyps`), else None."""
+        from splitformer.decoding.search import (ctc_greedy_search, ctc_prefix_beam_nbest,
+                                                 greedy_search_with_posteriors, modified_beam_nbest)
+
+        out: Dict[str, np.ndarray] = {}
+        hyps = None
+        lens = enc_lens.tolist()
+        frame = [s for s in self.strategies if s in decision.FRAME_SCORED]
+        if self.scorer == "ctc":
+            lp = model.ctc_log_probs(enc, exit_layer)
+            if frame:
+                scores = decision.frame_scores(_np(lp), lens, model.blank_id, self.count_blank)
+                out.update({s: scores[s] for s in frame})
+                if self.method == "ctc_greedy_search":
+                    hyps = ctc_greedy_search(lp, enc_lens, model.blank_id)
+            if "posterior" in self.strategies:
+                nb = ctc_prefix_beam_nbest(lp, enc_lens, self.nbest, model.blank_id)
+                out["posterior"] = posterior_of(nb, self.nbest).numpy()
+                if self.method == "ctc_prefix_beam_search" and self.beam == self.nbest:
+                    hyps = [n[0] for n in nb]
+        else:
+            proj = model.project_encoder(enc, exit_layer)
+            if frame:
+                greedy, path = greedy_search_with_posteriors(model, proj, enc_lens)
+                scores = decision.frame_scores(_np(path), lens, model.blank_id, self.count_blank)
+                out.update({s: scores[s] for s in frame})
+                if self.method == "greedy_search":
+                    hyps = greedy
+            if "posterior" in self.strategies:
+                nb = modified_beam_nbest(model, proj, enc_lens, self.nbest)
+                out["posterior"] = posterior_of(nb, self.nbest).numpy()
+                if self.method == "modified_beam_search" and self.beam == self.nbest:
+                    hyps = [n[0] for n in nb]
+        return out, hyps
 
 
-def simulate(
-    traces: Sequence[UttTrace], strategy: str, threshold: float, exits: Sequence[int], macs_per_second: Sequence[float]
-) -> Tuple[List[Tuple[str, List[str], List[str]]], Dict[str, float]]:
-    """The results a dynamic-exit run with this threshold gives, read off full traces.
-
-    Returns the (id, ref, hyp) results and stats: mean exit layer and mean encoder compute
-    (MACs per second of audio, over the layers that run up to each utterance's exit).
-    """
-    results = []
-    layers = []
-    macs = 0.0
-    dur = 0.0
-    for tr in traces:
-        i = choose_exit(strategy, threshold, tr.scores(strategy))
-        results.append((tr.cut_id, tr.ref, tr.hyps[i]))
-        layers.append(exits[i])
-        macs += macs_per_second[i] * tr.duration
-        dur += tr.duration
-    stats = {
-        "mean_exit_layer": sum(layers) / max(len(layers), 1),
-        "macs_per_second": macs / dur if dur > 0 else 0.0,
-    }
-    return results, stats
+def model_exit_scores(model, enc: torch.Tensor, enc_lens: torch.Tensor, exit_layer: int, scorer: str = "ctc",
+                      nbest: int = 4, strategies: Sequence[str] = SCORED, count_blank: bool = True
+                      ) -> Dict[str, torch.Tensor]:
+    """(B,) score of each criterion in ``strategies`` at one exit (see :class:`ExitReader`)."""
+    scores, _ = ExitReader(tuple(strategies), scorer, nbest, count_blank=count_blank).read(model, enc, enc_lens,
+                                                                                          exit_layer)
+    return {s: torch.from_numpy(v) for s, v in scores.items()}
 
 
-def sweep_thresholds(traces: Sequence[UttTrace], strategy: str, points: int = 24) -> List[float]:
-    """0, +inf and up to ``points`` thresholds between quantiles of the scores seen, so the curve
-    spans first exit to last exit. Thresholds sit half-way between two distinct observed scores,
-    never on one, so that float noise (e.g. from padding in a batch) cannot flip a decision."""
-    return thresholds_between([s for tr in traces for s in tr.scores(strategy)], points)
+@torch.no_grad()
+def reader_macs(model, reader: ExitReader, seconds: float = 10.0) -> Dict[int, float]:
+    """MACs per second of audio that ``reader`` spends scoring each exit but the last (the last is never
+    scored: 0), counted with ``torch.utils.flop_counter`` on the model's dummy input of ``seconds``, as the
+    encoder's MACs are (summary.encoder_macs_per_second). Python work (a CTC prefix beam's bookkeeping) has
+    no MACs; its time is in the real-time factors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    out: Dict[int, float] = {}
+    try:
+        x, x_lens = model.dummy_input(seconds)
+        for e, enc, lens in model.iter_exits(x, x_lens):
+            if e == model.exits[-1]:
+                out[e] = 0.0
+                break
+            counter = FlopCounterMode(display=False)
+            with counter:
+                reader.read(model, enc, lens, e)
+            out[e] = counter.get_total_flops() / 2 / seconds
+    finally:
+        model.train(was_training)
+    return out
 
 
-def thresholds_between(scores: Sequence[float], points: int) -> List[float]:
-    """0, +inf and up to ``points`` thresholds half-way between consecutive distinct ``scores``, spread over
-    their quantiles (see :func:`sweep_thresholds`)."""
-    vals = sorted(set(float(s) for s in scores if not math.isnan(s)))
-    qs = {0.0, math.inf}
-    if len(vals) > 1:
-        for k in range(points):
-            i = min(len(vals) - 2, round(k * (len(vals) - 2) / max(points - 1, 1)))
-            qs.add((vals[i] + vals[i + 1]) / 2)
-    return sorted(qs)
+@dataclass
+class Traces:
+    """What one pass over every exit tells about N utterances, as arrays, from which any threshold's dynamic
+    decode is simulated exactly (a decision depends only on that exit's output).
+
+    ``hyps[i][e]``: utterance i's words at exit e; ``errors``: (N, E) word errors of those; ``ref_words``: (N,);
+    ``scores[s]``: (N, E-1) score of criterion s at every exit but the last; ``seconds``: (N, E) measured time
+    per exit, split as ``encoder`` (the blocks up to it), ``scorer`` (reading it) and ``search`` (the search there
+    when the scoring pass did not give its hypotheses), each batch's time shared by duration."""
+
+    cut_ids: List[str]
+    refs: List[List[str]]
+    hyps: List[List[List[str]]]
+    durations: np.ndarray
+    errors: np.ndarray
+    ref_words: np.ndarray
+    scores: Dict[str, np.ndarray]
+    encoder_seconds: np.ndarray
+    scorer_seconds: np.ndarray
+    search_seconds: np.ndarray
+
+    def criterion(self, strategy: str) -> np.ndarray:
+        if strategy not in self.scores:
+            raise ValueError(f"the pass that made these traces did not score {strategy!r}")
+        return self.scores[strategy]
+
+    def simulate(self, strategy: str, threshold: float, exits: Sequence[int], encoder_macs: Sequence[float],
+                 scorer_macs: Sequence[float]) -> Dict[str, object]:
+        """A dynamic decode with this threshold, read off the traces: its chosen exits, WER, mean exit layer,
+        MACs per second (``encoder_macs``: the encoder up to each exit; plus ``scorer_macs``: the criterion at
+        every exit visited, the last one excepted) and
+        real-time factor (the same, measured, plus the search at the chosen exit)."""
+        idx = decision.choose_exits(strategy, threshold, self.criterion(strategy))
+        n = np.arange(len(idx))
+        enc = np.asarray(encoder_macs, dtype=np.float64)  # up to each exit, as summary.exit_macs counts them
+        scr = np.concatenate([[0.0], np.cumsum(np.asarray(scorer_macs, dtype=np.float64)[:-1])])
+        paid = enc[idx] + scr[np.minimum(idx + 1, len(exits) - 1)]  # scored: every exit visited, the last excepted
+        dur = self.durations.sum()
+        t_enc = np.cumsum(self.encoder_seconds, 1)[n, idx]
+        t_scr = np.concatenate([np.zeros((len(idx), 1)), np.cumsum(self.scorer_seconds, 1)], 1)
+        t = t_enc + t_scr[n, np.minimum(idx + 1, len(exits) - 1)] + self.search_seconds[n, idx]
+        return dict(exit_index=idx, wer=100.0 * self.errors[n, idx].sum() / max(int(self.ref_words.sum()), 1),
+                    mean_exit_layer=float(np.asarray(exits)[idx].mean()) if len(idx) else 0.0,
+                    macs_per_second=float((paid * self.durations).sum() / dur) if dur > 0 else 0.0,
+                    rtf=float(t.sum() / dur) if dur > 0 else 0.0)
+
+    def results(self, index: np.ndarray) -> List[Tuple[str, List[str], List[str]]]:
+        return [(c, r, h[i]) for c, r, h, i in zip(self.cut_ids, self.refs, self.hyps, index.tolist())]
+
+
+def sweep_thresholds(traces: Traces, strategy: str, points: Optional[int] = 24) -> List[float]:
+    """0, +inf and up to ``points`` thresholds between the scores seen (all of them with None), so the curve
+    spans first exit to last exit; never on a score, so float noise cannot flip a decision."""
+    return thresholds_between(traces.criterion(strategy).ravel().tolist(), points).tolist()
 
 
 def pick_under_budget(rows: Sequence[Dict[str, float]], budget: float) -> Dict[str, float]:
@@ -210,15 +241,3 @@ def pick_under_budget(rows: Sequence[Dict[str, float]], budget: float) -> Dict[s
         raise ValueError(f"no threshold meets the budget {budget:.6g}: the cheapest reachable cost is {cheapest:.6g} "
                          "(every utterance at the first exit)")
     return min(fits, key=lambda r: (r["wer"], r["cost"]))
-
-
-def iter_model_exits(model, features: torch.Tensor, feature_lens: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
-    """(exit_layer, enc_out, enc_lens) one exit at a time; layers above the last one read are never
-    run when the model offers ``iter_exits`` (stop iterating to stop computing)."""
-    if hasattr(model, "iter_exits"):
-        yield from model.iter_exits(features, feature_lens)
-        return
-    # Without an incremental encoder, climb with max_exit: exact, but re-runs the lower layers.
-    for layer in model.exits:
-        layer_out, out, lens = model.encode_exits(features, feature_lens, max_exit=layer)[-1]
-        yield layer_out, out, lens

@@ -32,12 +32,17 @@ def word_error_rate(results: Sequence[Result]) -> Tuple[float, Dict[str, int]]:
     return (100.0 * errs / counts["ref"] if counts["ref"] else 0.0), dict(counts)
 
 
+def word_errors(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    """Insertions + deletions + substitutions of ``hyp`` against ``ref``."""
+    d = kaldialign.edit_distance(list(ref), list(hyp))
+    return int(d["ins"] + d["del"] + d["sub"])
+
+
 def utterance_errors(results: Sequence[Result]) -> Dict[str, List[int]]:
     """cut id -> [word errors, reference words]: what a bootstrap over utterances resamples."""
     out: Dict[str, List[int]] = {}
     for cut_id, ref, hyp in results:
-        d = kaldialign.edit_distance(ref, hyp)
-        out[cut_id] = [int(d["ins"] + d["del"] + d["sub"]), len(ref)]
+        out[cut_id] = [word_errors(ref, hyp), len(ref)]
     return out
 
 
@@ -120,8 +125,14 @@ def run_tag(args, exit_part: str, streaming: bool = False) -> str:
     tag = f"iter-{args.iter}_avg-{args.avg}" if args.iter > 0 else f"epoch-{args.epoch}_avg-{args.avg}"
     if args.use_averaged_model:
         tag += "_use-averaged-model"
-    if getattr(args, "exit_scorer", None) == "transducer" and not exit_part.isdigit() and exit_part != "all":
-        exit_part += "-scorer-transducer"  # dynamic runs read the transducer, not the CTC heads
+    if not exit_part.isdigit() and exit_part != "all":  # a dynamic run: what its criterion read
+        nbest = "posterior" in exit_part or exit_part == "sweep"
+        if getattr(args, "exit_scorer", None) == "transducer":
+            exit_part += "-scorer-transducer"  # the transducer, not the CTC heads
+        if nbest:
+            exit_part += f"-nbest-{getattr(args, 'exit_nbest', 4)}"
+        if not getattr(args, "exit_count_blank", True):
+            exit_part += "-tokens-only"  # frames whose best symbol is blank not averaged
     tag += f"_exit-{exit_part}"
     chunk = getattr(args, "chunk_size", -1)
     if chunk and chunk > 0:

@@ -8,12 +8,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from splitformer.decoding.exits import SCORED, UttTrace, iter_model_exits, model_exit_scores, stops
+from splitformer.decoding import decision
+from splitformer.decoding.exits import ExitReader, Traces
 from splitformer.data.datamodule import input_lens
-from splitformer.decoding.search import run_search
+from splitformer.decoding.search import run_search, search, search_input
 
 Result = Tuple[str, List[str], List[str]]
 
@@ -33,6 +36,7 @@ class DynamicRun:
     exit_layers: List[int] = field(default_factory=list)  # per utterance
     durations: List[float] = field(default_factory=list)
     encoder_seconds: float = 0.0
+    scorer_seconds: float = 0.0
     decode_seconds: float = 0.0
 
 
@@ -67,10 +71,11 @@ def _bar(loader: Iterable, desc: Optional[str]):
 
 
 @torch.no_grad()
-def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: int, device: torch.device, desc: str = "") -> ExitRun:
+def decode_exit(model, loader, tokenizer, exit_layer: int, method: str, beam: int, device: torch.device,
+                desc: Optional[str] = "") -> ExitRun:
     """Decodes with one exit; the encoder stops there."""
     run = ExitRun()
-    for batch in _bar(loader, desc or f"exit {exit_layer}"):
+    for batch in _bar(loader, None if desc is None else (desc or f"exit {exit_layer}")):
         feats, lens, ids, refs, _ = batch_parts(batch, device)
         t0 = _clock(device)
         enc, enc_lens = model.encode(feats, lens, exit_layer=exit_layer)
@@ -88,53 +93,145 @@ def default_scorer(model) -> str:
     return "ctc" if model.use_ctc else "transducer"
 
 
+@dataclass
+class BatchClimb:
+    """One batch's climb: per utterance the exit index it stopped at and its words there (``words[i][k]``: at
+    every exit when every exit was read), its scores (``scores[s][i, k]``, NaN where not read) and the seconds
+    spent at each exit by the encoder, the scorer and the search."""
+
+    stop_index: np.ndarray
+    words: List[Dict[int, List[str]]]
+    scores: Dict[str, np.ndarray]
+    encoder_seconds: np.ndarray
+    scorer_seconds: np.ndarray
+    search_seconds: np.ndarray
+
+
+@torch.no_grad()
+def climb_batch(model, feats: torch.Tensor, lens: torch.Tensor, tokenizer, reader: ExitReader, method: str,
+                beam: int, device: torch.device, rule: Optional[Tuple[str, float]] = None) -> BatchClimb:
+    """Climbs the exits with a whole batch. With ``rule`` (strategy, threshold) each utterance stops at the first
+    exit whose score passes, and leaves the batch: the rest climb on, and no layer runs for an utterance that
+    has stopped. Without it, every utterance reads every exit (the all-exit pass that sweeps and budgets are
+    simulated from). The last exit is never scored. Where the scoring pass is the search
+    (:meth:`ExitReader.gives_hyps`) the words come from it. Otherwise, climbing with a rule, what the search reads
+    at each stopping exit is kept and one search runs over all of them at the end (its frame loop once per
+    batch, not once per exit); reading every exit, each exit is searched on its own, so that the time measured
+    per exit is what a climb pays for the utterances that stop there (one search over the batch)."""
+    exits = model.exits
+    B, E = feats.size(0), len(exits)
+    scores = {s: np.full((B, max(E - 1, 0)), np.nan) for s in reader.strategies}
+    times = np.zeros((3, E))
+    stop_index = np.full(B, E - 1, dtype=np.int64)
+    words: List[Dict[int, List[str]]] = [{} for _ in range(B)]
+    pending: List[Tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []  # (exit index, rows, input, lens)
+    active = np.arange(B)
+    gen = model.climb(feats, lens)
+    keep = None
+    t = _clock(device)
+    for k in range(E):
+        exit_layer, enc, enc_lens = next(gen) if keep is None else gen.send(keep)
+        times[0, k] = _clock(device) - t
+        last = k == E - 1
+        hyps = None
+        stop = np.ones(len(active), dtype=bool)
+        if not last and reader.strategies:
+            t = _clock(device)
+            read, hyps = reader.read(model, enc, enc_lens, exit_layer)
+            times[1, k] = _clock(device) - t
+            for s, v in read.items():
+                scores[s][active, k] = v
+            stop = decision.stops(rule[0], read[rule[0]], rule[1]) if rule else np.zeros(len(active), dtype=bool)
+        want = np.flatnonzero(np.ones(len(active), dtype=bool) if rule is None else stop)
+        if hyps is not None:
+            for r in want.tolist():
+                words[active[r]][k] = _words(tokenizer, [hyps[r]])[0]
+        elif len(want) and rule is None:  # every exit searched on its own: the cost a climb pays per exit
+            t = _clock(device)
+            for r, h in zip(active[want].tolist(), _words(tokenizer, run_search(model, method, enc, enc_lens,
+                                                                                 exit_layer, beam))):
+                words[r][k] = h
+            times[2, k] = _clock(device) - t
+        elif len(want):
+            t = _clock(device)
+            rows = torch.from_numpy(want).to(enc.device)
+            sub_lens = enc_lens[rows]
+            x = search_input(model, method, enc[rows, : int(sub_lens.max())], exit_layer)
+            times[2, k] = _clock(device) - t
+            pending.append((k, active[want], x, sub_lens))
+        if rule is not None:
+            stop_index[active[stop]] = k
+            active = active[~stop]
+        if last or len(active) == 0:
+            break
+        keep = None if rule is None else torch.from_numpy(np.flatnonzero(~stop)).to(enc.device)
+        t = _clock(device)
+    gen.close()
+    if pending:
+        t = _clock(device)
+        x = pad_sequence([row for *_, inp, _ in pending for row in inp], batch_first=True)
+        hyps = search(model, method, x, torch.cat([l for *_, l in pending]), beam)
+        spent = _clock(device) - t
+        frames = np.array([float(l.sum()) for *_, l in pending])
+        at = 0
+        for (k, rows, _, _), f in zip(pending, frames):
+            times[2, k] += spent * f / max(frames.sum(), 1.0)
+            for r, h in zip(rows.tolist(), _words(tokenizer, hyps[at:at + len(rows)])):
+                words[r][k] = h
+            at += len(rows)
+    return BatchClimb(stop_index, words, scores, *times)
+
+
+def _share(seconds: np.ndarray, durations: Sequence[float], present: np.ndarray) -> np.ndarray:
+    """(N, E) time per utterance: each exit's batch time split over the utterances present there by duration."""
+    d = np.asarray(durations, dtype=np.float64)[:, None] * present
+    return seconds[None, :] * d / np.maximum(d.sum(0, keepdims=True), 1e-12)
+
+
 @torch.no_grad()
 def decode_all_exits(
     model, loader, tokenizer, method: str, beam: int, device: torch.device, desc: Optional[str] = "all exits",
-    nbest: int = 4, scorer: Optional[str] = None, strategies: Sequence[str] = SCORED,
-) -> Tuple[Dict[int, ExitRun], List[UttTrace]]:
+    reader: Optional[ExitReader] = None,
+) -> Tuple[Dict[int, ExitRun], Traces]:
     """Runs the encoder once per batch up to the top, decoding every exit on the way.
 
     The encoder time of exit k is the time the encoder took to reach it; its decode time adds that
-    exit's search only. Also returns, per utterance, every exit's hypothesis and its score under each
-    of ``strategies`` as ``scorer`` reads them (default: the CTC heads when the model has them), from
-    which dynamic exits are simulated. ``strategies=()`` skips the scoring (the posterior's beam search
-    and the transducer scorer cost more than the decoding itself).
+    exit's search only. Also returns the :class:`Traces` (every exit's words, and the scores of ``reader``'s
+    criteria at every exit but the last) from which dynamic exits are simulated; ``reader=None`` scores
+    nothing (the posterior's beam search and the transducer scorer cost more than the decoding itself).
     """
+    from splitformer.decoding.results import word_errors
+
     exits = model.exits
-    scorer = scorer or default_scorer(model)
+    reader = reader or ExitReader((), method=method, beam=beam)
     runs = {e: ExitRun() for e in exits}
-    traces: List[UttTrace] = []
+    parts: Dict[str, list] = {k: [] for k in ("ids", "refs", "durs", "hyps", "enc", "scr", "srch")}
+    scores: Dict[str, list] = {s: [] for s in reader.strategies}
     for batch in _bar(loader, desc):
         feats, lens, ids, refs, durs = batch_parts(batch, device)
-        per_exit_words: List[List[List[str]]] = []
-        scored: Dict[str, List[List[float]]] = {s: [] for s in strategies}
-        enc_time = 0.0
-        gen = iter_model_exits(model, feats, lens)
-        while True:
-            t0 = _clock(device)
-            try:
-                exit_layer, enc, enc_lens = next(gen)
-            except StopIteration:
-                break
-            enc_time += _clock(device) - t0
-            run = runs[exit_layer]
-            t1 = _clock(device)
-            hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
-            run.encoder_seconds += enc_time
-            run.decode_seconds += enc_time + _clock(device) - t1
-            words = _words(tokenizer, hyps)
-            run.results.extend(zip(ids, refs, words))
-            per_exit_words.append(words)
-            if strategies:
-                for s, v in model_exit_scores(model, enc, enc_lens, exit_layer, scorer, nbest, strategies).items():
-                    scored[s].append(v.tolist())
-        for i, cut_id in enumerate(ids):
-            traces.append(UttTrace(
-                cut_id=cut_id, duration=durs[i], ref=refs[i],
-                hyps=[w[i] for w in per_exit_words],
-                **{s: [per_exit[i] for per_exit in v] for s, v in scored.items()},
-            ))
+        c = climb_batch(model, feats, lens, tokenizer, reader, method, beam, device)
+        enc_cum = np.cumsum(c.encoder_seconds)
+        for k, e in enumerate(exits):
+            runs[e].encoder_seconds += float(enc_cum[k])
+            runs[e].decode_seconds += float(enc_cum[k] + c.search_seconds[k] + (c.scorer_seconds[k] if reader.gives_hyps() else 0.0))
+            runs[e].results.extend((i, r, w[k]) for i, r, w in zip(ids, refs, c.words))
+        present = np.ones((len(ids), len(exits)))
+        parts["ids"] += ids
+        parts["refs"] += refs
+        parts["durs"] += durs
+        parts["hyps"] += [[w[k] for k in range(len(exits))] for w in c.words]
+        for key, sec in (("enc", c.encoder_seconds), ("scr", c.scorer_seconds), ("srch", c.search_seconds)):
+            parts[key].append(_share(sec, durs, present))
+        for s in reader.strategies:
+            scores[s].append(c.scores[s])
+    E = len(exits)
+    stack = (lambda xs: np.concatenate(xs) if xs else np.zeros((0, E)))
+    errors = np.array([[word_errors(r, h[k]) for k in range(E)] for r, h in zip(parts["refs"], parts["hyps"])],
+                      dtype=np.int64).reshape(-1, E)
+    traces = Traces(parts["ids"], parts["refs"], parts["hyps"], np.asarray(parts["durs"], dtype=np.float64), errors,
+                    np.array([len(r) for r in parts["refs"]], dtype=np.int64),
+                    {s: (np.concatenate(v) if v else np.zeros((0, E - 1))) for s, v in scores.items()},
+                    stack(parts["enc"]), stack(parts["scr"]), stack(parts["srch"]))
     return runs, traces
 
 
@@ -176,36 +273,30 @@ def greedy_exit_words(model, exits: Sequence[Tuple[int, torch.Tensor, torch.Tens
 @torch.no_grad()
 def decode_dynamic(
     model, loader, tokenizer, strategy: str, threshold: float, method: str, beam: int, device: torch.device,
-    desc: Optional[str] = "dynamic exits", nbest: int = 4, scorer: Optional[str] = None,
+    desc: Optional[str] = "dynamic exits", reader: Optional[ExitReader] = None, one_at_a_time: bool = False,
 ) -> DynamicRun:
-    """Per utterance (batch size 1, so that no layer runs for an utterance that has stopped):
-    climb the exits, stop at the first whose CTC posteriors pass the criterion, decode there.
-    The layers above that exit are never computed."""
-    scorer = scorer or default_scorer(model)
+    """Climbs the exits batch by batch and stops each utterance at the first exit whose score passes the
+    criterion (:func:`climb_batch`): utterances that stop leave the batch and the rest climb on, so the layers
+    above an utterance's exit never run for it. ``one_at_a_time``: batches of one (what the batched climb is
+    measured against; the same words)."""
+    reader = reader or ExitReader((strategy,), default_scorer(model), method=method, beam=beam)
+    if reader.strategies != (strategy,):
+        raise ValueError(f"the reader scores {reader.strategies}, the rule reads {strategy!r}")
     run = DynamicRun()
-    last = model.exits[-1]
+    exits = model.exits
     for batch in _bar(loader, desc):
         feats, lens, ids, refs, durs = batch_parts(batch, device)
-        for i in range(feats.size(0)):
-            n = int(lens[i])
-            x, x_lens = feats[i:i + 1, :n], lens[i:i + 1]
+        pieces = [(feats[i:i + 1, : int(lens[i])], lens[i:i + 1], [i]) for i in range(feats.size(0))] \
+            if one_at_a_time else [(feats, lens, list(range(feats.size(0))))]
+        for x, x_lens, rows in pieces:
             t0 = _clock(device)
-            enc_time = 0.0
-            gen = iter_model_exits(model, x, x_lens)
-            while True:
-                t1 = _clock(device)
-                exit_layer, enc, enc_lens = next(gen)
-                enc_time += _clock(device) - t1
-                if exit_layer == last:
-                    break
-                score = model_exit_scores(model, enc, enc_lens, exit_layer, scorer, nbest, strategies=(strategy,))
-                if stops(strategy, float(score[strategy][0]), threshold):
-                    break
-            gen.close()  # the layers above are not computed
-            hyps = run_search(model, method, enc, enc_lens, exit_layer, beam)
+            c = climb_batch(model, x, x_lens, tokenizer, reader, method, beam, device, rule=(strategy, threshold))
             run.decode_seconds += _clock(device) - t0
-            run.encoder_seconds += enc_time
-            run.results.append((ids[i], refs[i], _words(tokenizer, hyps)[0]))
-            run.exit_layers.append(exit_layer)
-            run.durations.append(durs[i])
+            run.encoder_seconds += float(c.encoder_seconds.sum())
+            run.scorer_seconds += float(c.scorer_seconds.sum())
+            for j, r in enumerate(rows):
+                k = int(c.stop_index[j])
+                run.results.append((ids[r], refs[r], c.words[j][k]))
+                run.exit_layers.append(exits[k])
+                run.durations.append(durs[r])
     return run

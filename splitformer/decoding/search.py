@@ -315,18 +315,31 @@ def ctc_prefix_beam_continue(
     return out
 
 
+def search_input(model: nn.Module, method: str, enc_out: torch.Tensor, exit_layer: int) -> torch.Tensor:
+    """What ``method`` searches at an exit: its CTC log-probs, or its encoder output projected for the joiner.
+    Every exit's input has the same last dimension, so the inputs of several exits batch into one search."""
+    if method in CTC_METHODS:
+        return model.ctc_log_probs(enc_out, exit_layer)
+    if method in METHODS:
+        return model.project_encoder(enc_out, exit_layer)
+    raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def search(model: nn.Module, method: str, x: torch.Tensor, lens: torch.Tensor, beam: int = 4) -> List[Hyp]:
+    """Runs ``method`` over :func:`search_input`'s output (of one exit, or of several batched together)."""
+    if method == "ctc_greedy_search":
+        return ctc_greedy_search(x, lens, model.blank_id)
+    if method == "ctc_prefix_beam_search":
+        return ctc_prefix_beam_search(x, lens, beam, model.blank_id)
+    if method == "greedy_search":
+        return greedy_search(model, x, lens)
+    if method == "modified_beam_search":
+        return modified_beam_search(model, x, lens, beam)
+    raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+
+
 def run_search(
     model: nn.Module, method: str, enc_out: torch.Tensor, enc_lens: torch.Tensor, exit_layer: int, beam: int = 4
 ) -> List[Hyp]:
     """Decodes one exit's encoder output with ``method``."""
-    if method in CTC_METHODS:
-        lp = model.ctc_log_probs(enc_out, exit_layer)
-        if method == "ctc_greedy_search":
-            return ctc_greedy_search(lp, enc_lens, model.blank_id)
-        return ctc_prefix_beam_search(lp, enc_lens, beam, model.blank_id)
-    enc_proj = model.project_encoder(enc_out, exit_layer)
-    if method == "greedy_search":
-        return greedy_search(model, enc_proj, enc_lens)
-    if method == "modified_beam_search":
-        return modified_beam_search(model, enc_proj, enc_lens, beam)
-    raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+    return search(model, method, search_input(model, method, enc_out, exit_layer), enc_lens, beam)

@@ -25,7 +25,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 from torch import Tensor
 
-from splitformer.decoding.exits import SCORED, SCORERS, _share_of_best, exit_score, stops, thresholds_between
+from splitformer.decoding import decision
+from splitformer.decoding.exits import SCORED, SCORERS, exit_score, posterior_of, thresholds_between
 from splitformer.decoding.search import (CTC_METHODS, CTC_START, METHODS, CtcGreedyState, GreedyState, Hyp, beam_nbest,
                                          beam_start, ctc_greedy_continue, ctc_prefix_beam_continue, greedy_continue,
                                          greedy_start, modified_beam_continue, prefix_nbest)
@@ -144,6 +145,11 @@ class ExitSearch:
 
 
 # ------------------------------------------------------------------------------------------ exit rule
+# A chunk whose best path holds no token is scored as its posteriors say: silence between words is normal in
+# a stream, and its words come in later chunks (an utterance's exit, by contrast, climbs on; see decision.py).
+CHUNK_TOKENLESS = "confident"
+
+
 class ChunkExitRule:
     """``--exit-strategy`` and its threshold, decided per chunk from the chunk's frames at one exit.
 
@@ -178,11 +184,11 @@ class ChunkExitRule:
         if self.scorer == "ctc":
             lp = model.ctc_log_probs(enc, exit_layer)
             if self.strategy == "posterior":
-                scores = _share_of_best([prefix_nbest(p) for p in
-                                         ctc_prefix_beam_continue(lp, lens, [CTC_START] * lp.size(0), self.nbest,
-                                                                  model.blank_id)])
+                scores = posterior_of([prefix_nbest(p) for p in
+                                       ctc_prefix_beam_continue(lp, lens, [CTC_START] * lp.size(0), self.nbest,
+                                                                model.blank_id)], self.nbest, CHUNK_TOKENLESS)
             else:
-                scores = exit_score(self.strategy, lp, lens)
+                scores = exit_score(self.strategy, lp, lens, blank_id=model.blank_id, tokenless=CHUNK_TOKENLESS)
             reuse = search.step(lp, lens, states) if search.ctc and search.method == "ctc_greedy_search" else None
             return scores.double().cpu(), reuse
         proj = model.project_encoder(enc, exit_layer)
@@ -190,16 +196,15 @@ class ChunkExitRule:
         if self.strategy == "posterior":
             starts = [beam_start(model, v.context) for v in views]
             beams = modified_beam_continue(model, proj, lens, starts, self.nbest)
-            return _share_of_best([beam_nbest(model, b) for b in beams]), None
+            return posterior_of([beam_nbest(model, b) for b in beams], self.nbest, CHUNK_TOKENLESS), None
         new, path = greedy_continue(model, proj, lens, views)
-        scores = exit_score(self.strategy, path, lens)
+        scores = exit_score(self.strategy, path, lens, blank_id=model.blank_id, tokenless=CHUNK_TOKENLESS)
         return scores.double().cpu(), (new if search.method == "greedy_search" else None)
 
     def stops(self, scores: Tensor, thresholds: Optional[Sequence[Optional[float]]] = None) -> Tensor:
         """Which chunks stop; ``thresholds``: one per chunk where streams set their own (None: the rule's)."""
-        ts = thresholds if thresholds is not None else [None] * len(scores)
-        return torch.tensor([stops(self.strategy, float(s), self.threshold if t is None else t)
-                             for s, t in zip(scores, ts)], dtype=torch.bool)
+        ts = [self.threshold if t is None else t for t in (thresholds or [None] * len(scores))]
+        return torch.from_numpy(decision.stops(self.strategy, scores.double().numpy(), ts))
 
 
 # ------------------------------------------------------------------------------------------ costs

@@ -97,13 +97,15 @@ def architecture_name(args: Mapping[str, Any]) -> str:
 
 
 def subsampling_factor(args: Mapping[str, Any]) -> int:
-    """Input frames (samples for a waveform model) per encoder output frame (front end x encoder downsampling)."""
+    """Input frames (samples for a waveform model) per encoder output frame (front end x encoder downsampling):
+    the x2 (conv2d) or x4 (conv1d) front end, then a Zipformer2's ``output_downsampling_factor`` (1 or 2) or an
+    early-exit stack's ``input_downsample``. Defaults are the flags' own (config.py)."""
     if args.get("encoder") == "hf":
         return int(np.prod(json.loads(args["hf_config"])["conv_stride"]))
     front = 2 if args.get("encoder_embed", "conv2d") == "conv2d" else 4
     if args.get("encoder", "zipformer") == "zipformer":
-        return front * 2
-    return front * int(args.get("input_downsample", 1))
+        return front * int(args.get("output_downsampling_factor", 2))
+    return front * int(args.get("input_downsample", 2))
 
 
 def common_metadata(model: AsrModel, args: Mapping[str, Any]) -> Dict[str, Any]:

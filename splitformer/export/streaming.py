@@ -17,11 +17,13 @@ that the folder is a complete model:
   a call reads and by how many the stream moves on.
 * ``stem.onnx`` and ``block<i>.onnx`` (early-exit models): the per-block streaming form, for a driver that picks
   the exit per chunk (``examples/onnx_decode.py --streaming``). ``stem``: ``x, embed_state -> h (N, chunk', D),
-  new_embed_state``; ``block<i>``: ``h, valid (N, L') bool, the block's caches in the layers' own layout (keys and
-  values ``(L', N, .)``, non-linear attention values ``(L', N, 3D/4)``, convolutions ``(N, D, kernel//2)``; the
-  branch's after the block's) -> next, [encoder_out], [log_probs], new_valid, new caches``. A block that a chunk
-  does not reach is moved on by the driver: its caches shift by chunk' frames, zeros in, and ``valid`` marks them
-  absent (``EarlyExitEncoder.stream_skip``).
+  new_embed_state[, pos_emb]``; ``block<i>``: ``h, valid (N, L') bool, the block's caches in the layers' own layout
+  (keys and values ``(L', N, .)``, non-linear attention values ``(L', N, 3D/4)``, convolutions ``(N, D,
+  kernel//2)``; the branch's after the block's)[, pos_emb] -> next, [encoder_out], [log_probs], new_valid, new
+  caches``. ``pos_emb`` (Zipformer layers): ``(1, 2 chunk' + L' - 1, pos_dim)``, the same for every chunk, the
+  position table's rows for a chunk after L' cached frames; the stem holds it once and each block reads the
+  stem's output of that name (blocks.py). A block that a chunk does not reach is moved on by the driver: its
+  caches shift by chunk' frames, zeros in, and ``valid`` marks them absent (``EarlyExitEncoder.stream_skip``).
 
 A stream's last partial chunk is padded by the caller (sherpa-onnx and the example pad the audio); the files see
 only whole chunks. Every file is checked against PyTorch's chunk-by-chunk computation after export.
@@ -34,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from splitformer.export.blocks import SHARED_POSITIONS, has_position_table, positions_from, stem_positions
 from splitformer.export.common import ExportError, add_metadata, architecture_name, common_metadata, export_onnx
 from splitformer.model.asr_model import AsrModel
 from splitformer.model.streaming import StreamingEncoder
@@ -207,34 +210,45 @@ def export_streaming_exit(model: AsrModel, args: Mapping[str, Any], exit_layer: 
 
 # ---------------------------------------------------------------- the per-block streaming form
 class StreamingStem(nn.Module):
-    """x (N, T, 80), embed_state -> h (N, chunk', D) (front end, input projection and downsampling), new state."""
+    """x (N, T, 80), embed_state -> h (N, chunk', D) (front end, input projection and downsampling), new state, and
+    with a position table, ``pos_emb``: the table's slice for a chunk after the left context, which every streaming
+    block reads (blocks.py: the table is shipped once)."""
 
     def __init__(self, model: AsrModel, chunk: int, left: int) -> None:
         super().__init__()
         self.model = model
         self.enc = StreamingEncoder(model, chunk, left)
         self.conv2d = self.enc.front.init_cache(1) is not None
+        self.positions = has_position_table(model)
+        self.left = left // model.encoder.input_factor  # the blocks' left context, at the stack's rate
 
-    def forward(self, x: Tensor, embed: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, embed: Tensor) -> Tuple[Tensor, ...]:
         n = x.size(0)
         remaining = torch.full((n,), self.enc.chunk + 8, dtype=torch.int64)
         h, new = self.enc.front.streaming_forward(self.model.normalize(x), embed if self.conv2d else None, remaining)
         h, _ = self.model.encoder.prepare(h, torch.full((n,), self.enc.chunk, dtype=torch.int64))
-        return h, (new if self.conv2d else embed + 0.0)
+        outs = (h, new if self.conv2d else embed + 0.0)
+        return (outs + (stem_positions(self.model.encoder, h, self.left),)) if self.positions else outs
 
 
 class StreamingBlock(nn.Module):
-    """One block on one chunk: h, valid, caches -> next, [encoder_out], [log_probs], new valid, new caches."""
+    """One block on one chunk: h, valid, caches[, pos_emb] -> next, [encoder_out], [log_probs], new valid, new
+    caches. With a position table, the positions are the streaming stem's ``pos_emb`` (the last input)."""
 
     def __init__(self, model: AsrModel, block: int) -> None:
         super().__init__()
         self.model = model
         self.block = block
         self.exit_layer = model.exits[block]
+        self.positions = has_position_table(model)
 
-    def forward(self, h: Tensor, valid: Tensor, *caches: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, h: Tensor, valid: Tensor, *rest: Tensor) -> Tuple[Tensor, ...]:
         lens = torch.full((h.size(0),), h.size(1), dtype=torch.int64)
-        nxt, out, new = self.model.encoder.stream_block(self.block, h, lens, [valid, *caches])
+        enc = self.model.encoder
+        caches = rest[:-1] if self.positions else rest
+        given = positions_from(enc, rest[-1], h.shape[1]) if self.positions else contextlib.nullcontext()
+        with given:
+            nxt, out, new = enc.stream_block(self.block, h, lens, [valid, *caches])
         outs = [nxt]
         if self.model.use_transducer:
             outs.append(self.model.project_encoder(out, self.exit_layer))
@@ -259,7 +273,8 @@ def export_streaming_blocks(model: AsrModel, args: Mapping[str, Any], chunk: int
     x = torch.randn(2, stem.enc.input_frames, model.feature_dim)
     embed = torch.zeros((2,) + SHERPA_EMBED_SHAPE)
     path = out_dir / "stem.onnx"
-    export_onnx(stem, (x, embed), path, ["x", "embed_state"], ["h", "new_embed_state"],
+    shared = [SHARED_POSITIONS] if stem.positions else []  # the stem outputs every block reads by the same name
+    export_onnx(stem, (x, embed), path, ["x", "embed_state"], ["h", "new_embed_state"] + shared,
                 {"x": {0: "N"}, "embed_state": {0: "N"}, "h": {0: "N"}, "new_embed_state": {0: "N"}}, opset)
     meta = dict(common_metadata(model, args), T=stem.enc.input_frames, decode_chunk_len=stem.enc.shift,
                 chunk_size=chunk, left_context_frames=left, num_blocks=len(model.exits),
@@ -267,7 +282,7 @@ def export_streaming_blocks(model: AsrModel, args: Mapping[str, Any], chunk: int
     add_metadata(path, dict(meta, model_type="splitformer_streaming_stem"))
     files["stem"] = path
     with torch.no_grad():
-        h, _ = stem(x, embed)
+        h, _, *pos = stem(x, embed)
     states = enc.init_block_states(2, left)
     outs = (["next"] + (["encoder_out"] if model.use_transducer else []) + (["log_probs"] if model.use_ctc else []))
     for b, e in enumerate(model.exits):
@@ -278,14 +293,14 @@ def export_streaming_blocks(model: AsrModel, args: Mapping[str, Any], chunk: int
             axes[n] = {ax: "N"}
             axes["new_" + n] = {ax: "N"}
         path = out_dir / f"block{b}.onnx"
-        export_onnx(StreamingBlock(model, b).eval(), (h, *states[b]), path, ["h", "valid"] + names,
+        export_onnx(StreamingBlock(model, b).eval(), (h, *states[b], *pos), path, ["h", "valid"] + names + shared,
                     outs + ["new_valid"] + ["new_" + n for n in names], axes, opset)
         add_metadata(path, dict(meta, model_type="splitformer_streaming_block", block=b, exit_layer=e,
                                 context_size=model.decoder.context_size if model.use_transducer else 0,
                                 left_context_len=states[b][0].shape[1]))
         files[f"block{b}"] = path
         with torch.no_grad():
-            h = StreamingBlock(model, b).eval()(h, *states[b])[0]
+            h = StreamingBlock(model, b).eval()(h, *states[b], *pos)[0]
     return files
 
 

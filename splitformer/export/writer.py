@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from torch import nn
 
 from splitformer.export.blocks import export_blocks
-from splitformer.export.checks import compare_blocks, compare_features_model
+from splitformer.export.checks import (FP32_TOLERANCE, INT8_TOLERANCE, Diff, check_int8, compare_blocks,
+                                      compare_features_model)
 from splitformer.export.common import (DEFAULT_MAX_FRAMES, DEFAULT_OPSET, ExportError, check_lengths, count_tokens,
                                        example_features, extend_positional_tables, quantize_int8)
 from splitformer.export.offline import (CtcExit, EncoderExit, export_ctc, export_decoder, export_encoder,
@@ -21,20 +22,26 @@ from splitformer.model.asr_model import AsrModel
 class ExportResult:
     files: Dict[str, Path] = field(default_factory=dict)  # name -> path
     max_diffs: Dict[str, float] = field(default_factory=dict)  # name -> max |onnx - torch| at export time
+    int8_diffs: Dict[str, Diff] = field(default_factory=dict)  # int8 file (or group) -> its distance from PyTorch
 
 
 def export_model(model: AsrModel, args: Mapping[str, Any], out_dir: Path, exits: Sequence[int], opset: int = DEFAULT_OPSET,
-                 int8: bool = False, tokens: Optional[Path] = None, check: bool = True, tolerance: float = 1e-3,
+                 int8: bool = False, tokens: Optional[Path] = None, check: bool = True, tolerance: float = FP32_TOLERANCE,
                  max_frames: int = DEFAULT_MAX_FRAMES, log: Callable[[str], None] = logging.info,
                  blocks: bool = False, streaming: bool = False, chunk: Optional[int] = None,
-                 left: Optional[int] = None) -> ExportResult:
+                 left: Optional[int] = None, int8_tolerance: float = INT8_TOLERANCE) -> ExportResult:
     """Export ``model`` (eval mode is set here) for ``exits`` into ``out_dir``: the offline files, with ``blocks``
     the per-block form, with ``streaming`` the streaming files in ``out_dir/streaming`` (chunk size and left
     context: ``chunk`` and ``left``, by default the model's smallest training chunk and four of them).
 
     ``max_frames``: the longest input (feature frames, 100 per second) the encoders must accept; only
     Zipformer-layer models have such a limit (their position tables grow the files by ~0.2 MB per 1000 frames
-    per table at 50 Hz).
+    per table at 50 Hz). Every offline file of such a model (encoders, CTC models, stem and blocks: the blocks
+    read the stem's positions, so its limit is theirs; int8 copies too) records it as ``max_frames``; the
+    streaming files have none (their positions cover one chunk and its left context).
+
+    ``check``: every fp32 file must match PyTorch within ``tolerance`` (largest absolute difference), and with
+    ``int8`` every int8 file within a relative RMS error of ``int8_tolerance`` (checks.check_int8).
     """
     model.eval()
     # only models with a length limit get max_frames in their metadata
@@ -90,6 +97,8 @@ def export_model(model: AsrModel, args: Mapping[str, Any], out_dir: Path, exits:
     if int8:
         for name in [n for n, p in res.files.items() if p.suffix == ".onnx"]:
             res.files[name + ".int8"] = quantize_int8(res.files[name])
+        if check:
+            res.int8_diffs = check_int8(model, res.files, lengths, int8_tolerance, log)
     if tokens is not None:
         dst = out_dir / "tokens.txt"
         if Path(tokens).resolve() != dst.resolve():

@@ -4,7 +4,7 @@ Every exit has its own CTC head, its own joiner input projection and its own "si
 (trivial-joiner) projection; the stateless decoder and the joiner are shared, so an exit
 costs a few small linear layers and the decoder output is computed once for all exits.
 """
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,19 @@ from splitformer.model.joiner import Joiner
 
 INPUT_RATES = {"fbank": 100, "waveform": 16000}  # fbank frames (10 ms shift) or samples per second
 SAMPLES_PER_FRAME = INPUT_RATES["waveform"] // INPUT_RATES["fbank"]  # 16 kHz samples per 10 ms fbank frame
+
+
+def zip_exits(exits: Sequence[int], gen: Generator) -> Generator:
+    """``(exit, out, lens)`` from a generator of ``(out, lens)`` that takes ``send``, passing what is sent on."""
+    try:
+        out, lens = next(gen)
+        for e in exits:
+            keep = yield e, out, lens
+            out, lens = gen.send(keep)
+    except StopIteration:
+        return
+    finally:
+        gen.close()
 
 
 def pad_targets(targets: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +206,28 @@ class AsrModel(nn.Module):
         else:  # single-exit or non-incremental encoders
             for e, (o, l) in zip(self.exits, self.encoder(x, x_lens)):
                 yield e, o, l
+
+    def climb(
+        self, features: torch.Tensor, feature_lens: torch.Tensor
+    ) -> Generator[Tuple[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor], None]:
+        """Exits one at a time for a batch that utterances leave: after each ``(exit, out, lens)``, ``send`` the
+        indices (into the rows just yielded) of those that climb on; only they run the next block, trimmed to
+        the longest of them (a batched dynamic exit pays nothing for an utterance that stopped). ``next`` keeps
+        every row. Encoders without a per-block form (a pretrained backbone) run every row to the top and the
+        rows that left are dropped from the outputs: the same results, at full cost."""
+        x, x_lens = self.encoder_embed(self.normalize(features), feature_lens)
+        enc = self.encoder
+        if hasattr(enc, "climb"):
+            yield from zip_exits(self.exits, enc.climb(x, x_lens))
+            return
+        rows: Optional[torch.Tensor] = None
+        outs = enc.iter_exits(x, x_lens) if hasattr(enc, "iter_exits") else iter(enc(x, x_lens))
+        for e, (o, l) in zip(self.exits, outs):
+            if rows is not None:
+                o, l = o[rows], l[rows]
+            keep = yield e, o, l
+            if keep is not None:
+                rows = keep if rows is None else rows[keep]
 
     # ------------------------------------------------------------------ heads
     def ctc_log_probs(self, enc_out: torch.Tensor, exit_layer: Optional[int] = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ Terminology: ``exits[i]`` is the layer count after which exit i sits; block i is
 """
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -350,6 +350,20 @@ class EarlyExitEncoder(nn.Module):
         for block in range(n):
             x, out = self.run_block(block, x, lens, ctx)
             yield out, lens
+
+    def climb(self, x: Tensor, x_lens: Tensor) -> Generator[Tuple[Tensor, Tensor], Optional[Tensor], None]:
+        """:meth:`iter_exits` for a batch that rows leave (see ``AsrModel.climb``): after each exit, ``send`` the
+        indices of the rows that go on; the next blocks run on those rows only, trimmed to their longest, with
+        their own padding and positions (what each would get in a batch of its own kind)."""
+        x, lens = self.prepare(x, x_lens)
+        ctx = self.block_context(x, lens)
+        for block in range(len(self.exits)):
+            x, out = self.run_block(block, x, lens, ctx)
+            keep = yield out, lens
+            if keep is not None and keep.numel() < x.size(0):
+                lens = lens[keep]
+                x = x[keep, : int(lens.max())] if keep.numel() else x[keep]
+                ctx = self.block_context(x, lens)
 
     def prepare(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor]:
         """Front-end output -> the stack's input (projection, input downsampling, absolute positions)."""
