@@ -57,8 +57,9 @@ done
 # batches give enough updates, the warm-ups and the LR decay are counted in those updates, and the
 # Zipformer's dropout/skip schedules (icefall's are ~100k LibriSpeech updates long) finish early.
 an4_train_args="--warmup-batches 100 --warm-step 300 --lr-batches 1000 --lr-epochs 6 --average-period 4 --schedule-ref-duration 0.1 --enable-spec-aug false --train-variants narrowband,trimmed"
-# clean test, and the robustness variants stage 0 makes (8 kHz and back; leading/trailing silence cut off)
-test_sets="dev,test,test-narrowband,test-trimmed"
+# clean test; the matched variants stage 0 makes (8 kHz and back; leading/trailing silence cut off: training
+# swaps cuts for them); and the unmatched conditions no training run uses (prepare.sh --conditions true)
+test_sets="dev,test,test-narrowband,test-trimmed,test-telephone,test-babble20,test-babble10,test-reverb,test-speed0.9,test-speed1.1,test-quiet"
 case "$schedule" in
   short) def_epochs=12; def_avg=4; def_max_duration=25 ;;
   long) def_epochs=60; def_avg=10; def_max_duration=25 ;;
@@ -99,7 +100,7 @@ progress() { echo "==== [run.sh] $* | elapsed $(hms $(( $(date +%s) - start )))"
 
 if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
   progress "stage 0: prepare AN4"
-  ./prepare.sh --dataset an4 --corpus-dir "$corpus_dir" --variants true
+  ./prepare.sh --dataset an4 --corpus-dir "$corpus_dir" --variants true --conditions true
 fi
 
 # Training cost of a preset relative to the others (seconds per epoch on one thread here), so that --jobs
@@ -194,7 +195,7 @@ if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
     dirs+=("$d"); names+=("$m")
   done
   ./splitformer/compare.py "${dirs[@]}" --names "$(IFS=,; echo "${names[*]}")" --out "$exp_root/report" \
-    --wall-seconds $(( $(date +%s) - start ))
+    --conditions data/fbank/an4_conditions.json --wall-seconds $(( $(date +%s) - start ))
   echo "report: $exp_root/report/report.md"
 fi
 progress "done"

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from splitformer.decoding.cli import add_checkpoint_arguments  # noqa: E402
 
 
 def decode(args, *extra: str) -> None:
@@ -37,10 +41,7 @@ def runs(args, test_set: str) -> Dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--exp-dir", type=Path, required=True)
-    p.add_argument("--epoch", type=int, required=True)
-    p.add_argument("--avg", type=int, default=1)
-    p.add_argument("--use-averaged-model", action="store_true")
+    add_checkpoint_arguments(p)
     p.add_argument("--budget-macs", type=float, default=50e6)
     p.add_argument("--max-duration", type=float, default=200.0)
     p.add_argument("--count-blank", choices=["true", "false", "both"], default="both")

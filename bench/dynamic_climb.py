@@ -41,11 +41,14 @@ def main() -> None:
     p.add_argument("--max-duration", type=float, default=100.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sort", action="store_true",
+                   help="batch the utterances in order of length (less padding), as a deployment batching files would")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, margs = load_model(args)
     tok = load_tokenizer(args.bpe_model or Path(f"data/lang_bpe_{margs.vocab_size}/bpe.model"))
-    loader, cuts = test_loader(args.manifest_dir, "an4", args.test_set, args.max_duration, model.input_kind)
+    loader, cuts = test_loader(args.manifest_dir, "an4", args.test_set, args.max_duration, model.input_kind,
+                               sort_by_duration=args.sort)
     batches = list(loader)
     n, audio = len(cuts), float(sum(c.duration for c in cuts))
     device = torch.device("cpu")
@@ -61,7 +64,7 @@ def main() -> None:
         return statistics.median(times), out
 
     print(f"{args.test_set}: {n} utterances, {audio:.1f} s of audio, --max-duration {args.max_duration:g}, "
-          f"{args.threads} threads, median of {args.repeats}")
+          f"{args.threads} threads, median of {args.repeats}{', sorted by length' if args.sort else ''}")
     print("run\tutt/s\tRTF\tmean exit")
     for e in model.exits:
         t, _ = timed(lambda: decode_exit(model, batches, tok, e, args.decoding_method, args.beam_size, device, desc=None))

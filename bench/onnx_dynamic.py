@@ -42,13 +42,17 @@ def main() -> None:
     p.add_argument("--thresholds", type=str, default="0.9,0.95")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sort", action="store_true", help="batch the files in order of length (less padding)")
     args = p.parse_args()
     files = [Path(ln.strip()) for ln in args.files_from.read_text().splitlines() if ln.strip()]
     feats = [model_input(f, {}) for f in files]
+    if args.sort:
+        feats.sort(key=len, reverse=True)
     audio = sum(x.shape[0] for x in feats) / 100.0
     n = len(feats)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
-    print(f"{n} files, {audio:.1f} s of audio; encoder (+ CTC reader for dynamic), 1 thread, median of {args.repeats}")
+    print(f"{n} files, {audio:.1f} s of audio; encoder (+ CTC reader for dynamic), 1 thread, median of {args.repeats}"
+          f"{', sorted by length' if args.sort else ''}")
     print("| precision | how | exit | RTF | files/s | mean exit |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for suffix, name in ((".onnx", "fp32"), (".int8.onnx", "int8")):

@@ -62,7 +62,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "transducer's posteriors along its greedy path")
     p.add_argument("--exit-count-blank", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="entropy/confidence over every frame (true) or the frames whose best symbol is a token")
-    p.add_argument("--batch-size", type=int, default=16, help="files climbed together (dynamic exits)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="files climbed together (dynamic exits), made of files of similar length among the next "
+                        "4 x batch-size")
     p.add_argument("--method", choices=["transducer", "ctc"], default="transducer")
     p.add_argument("--int8", action="store_true", help="use the *.int8.onnx files")
     p.add_argument("--streaming", action="store_true",
@@ -317,11 +319,15 @@ def decode_dynamic(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
     pending: List[Tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
-        if not pending:
-            return
-        for (f, x), (e, ids) in zip(pending, climber.run([x for _, x in pending])):
-            print(f"{f}\t{to_text(ids, tokens)}")
-            print(f"{f}: exit {e}", file=sys.stderr)
+        """Climbs what is pending in batches of files of similar length (little padding), printed in order."""
+        order = sorted(range(len(pending)), key=lambda i: -pending[i][1].shape[0])
+        done: Dict[int, Tuple[int, List[int]]] = {}
+        for k in range(0, len(order), args.batch_size):
+            rows = order[k:k + args.batch_size]
+            done.update(zip(rows, climber.run([pending[i][1] for i in rows])))
+        for i, (f, _) in enumerate(pending):
+            print(f"{f}\t{to_text(done[i][1], tokens)}")
+            print(f"{f}: exit {done[i][0]}", file=sys.stderr)
         pending.clear()
 
     for f in args.sound_files:  # batches of --batch-size files, printed in the order given
@@ -338,7 +344,7 @@ def decode_dynamic(args, d: Path, suffix: str, tokens: Dict[int, str]) -> int:
             print(f"{f}: exit -", file=sys.stderr)
             continue
         pending.append((f, x))
-        if len(pending) >= args.batch_size:
+        if len(pending) >= 4 * args.batch_size:  # read ahead, so that batches can be made of similar lengths
             flush()
     flush()
     return finish(failed, len(args.sound_files))

@@ -573,7 +573,43 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
                 pts = ", ".join(f"{p['wer']:.1f} @ {p['mean_exit_layer']:.1f} / {_mmacs(p['macs_per_second']):.1f}" for p in rows)
                 lines.append(f"- {strategy}: {pts}")
         lines += ["", f"![WER against exit layer and compute](wer-{s}.png)", ""]
+    return lines + condition_table(summary, facts)
+
+
+def condition_ratios(summary: Dict[Tuple, Dict], facts: Dict[str, Dict]) -> List[Dict]:
+    """Per system, condition set, method and exit: its WER over the same system's WER on the clean set it was made
+    from (the label's ``source``), with whether training could have seen the condition."""
+    out = []
+    for (exp, ts, method, layer), r in sorted(summary.items()):
+        c = (facts.get(ts) or {}).get("condition") or {}
+        clean = summary.get((exp, c.get("source"), method, layer))
+        if clean and clean["wer"] > 0:
+            out.append(dict(experiment=exp, test_set=ts, source=c["source"], matched=bool(c.get("matched")),
+                            method=method, exit_layer=layer, wer=r["wer"], clean_wer=clean["wer"],
+                            ratio=r["wer"] / clean["wer"]))
+    return out
+
+
+def condition_table(summary: Dict[Tuple, Dict], facts: Dict[str, Dict]) -> List[str]:
+    """Markdown: every condition's WER as a multiple of the clean WER, per system and exit."""
+    rows = condition_ratios(summary, facts)
+    if not rows:
+        return []
+    sets = sorted({r["test_set"] for r in rows}, key=lambda t: (not next(x["matched"] for x in rows
+                                                                         if x["test_set"] == t), t))
+    label = {t: f"{t} ({'m' if next(x['matched'] for x in rows if x['test_set'] == t) else 'u'})" for t in sets}
+    lines = ["", "## Conditions against clean", "",
+             "WER on each condition set over the same model's WER on the set it was made from, per exit (m: matched, "
+             "a condition training can use; u: unmatched, one no training run uses).", "",
+             "| experiment | method | exit layer | clean WER % | " + " | ".join(label[t] for t in sets) + " |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in sets) + " |"]
+    for key in sorted({(r["experiment"], r["method"], r["exit_layer"]) for r in rows}):
+        got = {r["test_set"]: r for r in rows if (r["experiment"], r["method"], r["exit_layer"]) == key}
+        clean = next(iter(got.values()))["clean_wer"]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {clean:.2f} | " + " | ".join(
+            f"{got[t]['ratio']:.2f}×" if t in got else "-" for t in sets) + " |")
     return lines
+
 
 
 def results_json(summary: Dict[Tuple, Dict], diffs: Sequence[Dict], wall_seconds: Optional[float],
@@ -590,7 +626,7 @@ def results_json(summary: Dict[Tuple, Dict], diffs: Sequence[Dict], wall_seconds
     return {"wall_seconds": wall_seconds, "models": {m: dict(v) for m, v in models.items()},
             "test_sets": facts or {}, "interval": "two-stage bootstrap over speakers, then their utterances (and seeds), "
             "widened by sqrt(n/(n-1)) for n speakers", "holm_family": FAMILY, "alpha": ALPHA,
-            "differences": list(diffs)}
+            "differences": list(diffs), "condition_ratios": condition_ratios(summary, facts or {})}
 
 
 def _mmacs(x: Optional[float]) -> Optional[float]:

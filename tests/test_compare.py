@@ -279,3 +279,21 @@ def test_condition_labels_head_their_sets(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["test_sets"]["test-telephone"]["condition"]["matched"] is False
     assert compare_main([str(d), "--out", str(out), "--conditions", str(tmp_path / "none.json")]) == 2
+
+
+def test_conditions_are_tabled_against_the_clean_set_they_were_made_from(tmp_path):
+    """Each condition set's WER over the clean set's, per system and exit, labelled matched or unmatched."""
+    from splitformer.compare import condition_ratios, condition_table
+
+    summary = {("m", "test", "greedy", 2): dict(wer=10.0), ("m", "test", "greedy", 4): dict(wer=8.0),
+               ("m", "test-telephone", "greedy", 2): dict(wer=30.0),
+               ("m", "test-telephone", "greedy", 4): dict(wer=12.0),
+               ("m", "test-trimmed", "greedy", 4): dict(wer=9.0)}
+    facts = {"test": {"condition": None},
+             "test-telephone": {"condition": {"matched": False, "source": "test", "condition": "telephone"}},
+             "test-trimmed": {"condition": {"matched": True, "source": "test", "condition": "trimmed"}}}
+    ratios = {(r["test_set"], r["exit_layer"]): r["ratio"] for r in condition_ratios(summary, facts)}
+    assert ratios == {("test-telephone", 2): 3.0, ("test-telephone", 4): 1.5, ("test-trimmed", 4): 9.0 / 8.0}
+    table = "\n".join(condition_table(summary, facts))
+    assert "test-trimmed (m) | test-telephone (u)" in table  # matched first
+    assert "| m | greedy | 2 | 10.00 | - | 3.00× |" in table and "| m | greedy | 4 | 8.00 | 1.12× | 1.50× |" in table

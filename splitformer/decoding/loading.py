@@ -115,14 +115,18 @@ def load_model(args: argparse.Namespace):
     return build_and_load(margs, state, getattr(margs, "vocab_size", None), str(last)), margs
 
 
-def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float, input_kind: str = "fbank"):
+def test_loader(manifest_dir: Path, dataset: str, split: str, max_duration: float, input_kind: str = "fbank",
+                sort_by_duration: bool = False):
     """Batches of one test set in a fixed order (so that every run sees the same batches), in the input the
-    model reads (``model.input_kind``). Returns (loader, cuts)."""
+    model reads (``model.input_kind``); ``sort_by_duration``: longest first, so that a batch pads little.
+    Returns (loader, cuts)."""
     from lhotse.dataset import K2SpeechRecognitionDataset, SimpleCutSampler
 
     from splitformer.data.datamodule import input_strategy
 
     cuts = test_cuts(manifest_dir, dataset, split)
+    if sort_by_duration:
+        cuts = cuts.sort_by_duration(ascending=False)
     sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
     ds = K2SpeechRecognitionDataset(input_strategy=input_strategy(input_kind), return_cuts=True)
     loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
