@@ -541,7 +541,8 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
                              f"{r['full_context_wer']:.2f} | {r['ratio']:.2f} | {ci} |")
         dyn = [r for r in runs if r.get("kind") == "dynamic" and r["test_set"] == s]
         if dyn:
-            lines += ["", "Dynamic exits (one exit per utterance, or per chunk of a stream):", "",
+            lines += ["", "Dynamic exits (one exit per utterance, or per chunk of a stream; MMACs/s count the encoder up "
+                      "to each exit and the criterion at every exit scored):", "",
                       "| experiment | method | per | strategy | threshold | WER % | mean exit layer | mean MMACs/s |",
                       "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
             for r in sorted(dyn, key=lambda r: (r["experiment"], r["strategy"], r["threshold"])):
@@ -550,8 +551,9 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
                              f"{_num(_mmacs(r['macs_per_second']), '.1f')} |")
         budgets = [r for r in runs if r.get("kind") == "budget" and r["test_set"] == s]
         if budgets:
-            lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}; against the "
-                      "cheapest fixed exit of the same decode that costs at least as much, paired bootstrap):", "",
+            lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}; costs count the "
+                      "encoder up to each exit and the criterion at every exit scored; against the cheapest fixed exit "
+                      "of the same decode that costs at least as much, paired bootstrap):", "",
                       "| experiment | method | strategy | scorer | budget | threshold | WER % on budget set | WER % | "
                       "cost reached | mean exit layer | fixed exit (WER %, MMACs/s) | WER - fixed | 95 % interval |",
                       "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
