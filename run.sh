@@ -107,7 +107,8 @@ fi
 # starts the longest runs first and the lanes end together.
 train_weight() {
   case "$1" in
-    zipformer-cpu) echo 163 ;; splitformer-cpu-causal) echo 95 ;; splitformer-cpu|zipformer-cpu-lite) echo 86 ;;
+    zipformer-cpu) echo 163 ;; splitformer-cpu-causal) echo 95 ;;
+    splitformer-cpu|zipformer-cpu-lite|ee-zipformer-cpu-matched) echo 86 ;;
     *) echo 84 ;;
   esac
 }

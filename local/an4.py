@@ -11,8 +11,8 @@ dev (``--dev-rule speakers``): whole training speakers held out, so that dev WER
 does on voices it has not heard, as test does, with both sexes in about test's proportion (see
 ``choose_dev_speakers``): on AN4 2 f + 6 m speakers (fbbh fjam mcel mjjs2 mmaf mnjl mscg2 mtje), 101 utterances,
 26 of them f (test: 39 of 130); train keeps the other 66 speakers, 847 utterances. ``--dev-rule first-lines``
-(the default until the README's models are trained again on the speakers rule, so that run.sh still reproduces
-its table) is the first 100 training lines, as ESPnet: 8 whole speakers, all f.
+(the default before the main job was retrained on the speakers rule; it reproduces models trained then) is the
+first 100 training lines, as ESPnet: 8 whole speakers, all f.
 
 A line or an utterance that cannot be used (no id, empty transcript, missing/empty/unreadable audio)
 is reported by id with the reason in `data/<split>_rejected.txt` and left out.
@@ -256,10 +256,10 @@ def main() -> None:
     p.add_argument("--corpus-dir", type=Path, required=True)
     p.add_argument("--manifest-dir", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, required=True, help="where <split>_rejected.txt go")
-    p.add_argument("--dev-rule", choices=DEV_RULES, default="first-lines",
+    p.add_argument("--dev-rule", choices=DEV_RULES, default="speakers",
                    help="speakers: whole training speakers, both sexes as in test; first-lines: the first 100 "
-                        "training lines (8 speakers, all female; the default while the README's models, trained "
-                        "on it, are not yet retrained)")
+                        "training lines (8 speakers, all female; the split models trained before the main job "
+                        "moved to speakers were trained on)")
     args = p.parse_args()
     setup_logging()
     use_soundfile_for_sphere()

@@ -44,10 +44,10 @@ def _stage1_settings(data) -> str:
 
 
 def test_split_counts(an4_data):
-    """The default split (--dev-rule first-lines, what the README's models were trained on)."""
-    assert "dev_rule=speakers" not in _stage1_settings(an4_data)
+    """The default split (--dev-rule speakers): 8 whole training speakers, 101 utterances."""
+    assert "dev_rule=speakers" in _stage1_settings(an4_data)
     counts = {s: len(load_manifest(an4_data / "fbank" / f"an4_cuts_{s}.jsonl.gz")) for s in ("train", "dev", "test")}
-    assert counts == {"train": 848, "dev": 100, "test": 130}
+    assert counts == {"train": 847, "dev": 101, "test": 130}
     for s in ("train", "dev", "test"):
         assert (an4_data / f"{s}_rejected.txt").read_text() == ""
 
@@ -105,13 +105,14 @@ def test_the_speakers_rule_splits_the_manifests_by_speaker(an4_dir):
 
 
 def test_prepared_dev_is_the_default_rules(an4_data, an4_dir):
-    """The prepared data (default --dev-rule first-lines): dev is the first 100 training lines."""
-    lines = [l for l in (an4_dir / "etc" / "an4_train.transcription").read_text().splitlines() if l.strip()]
-    ids = [re.search(r"\(([^)]+)\)\s*$", l).group(1) for l in lines]
+    """The prepared data (default --dev-rule speakers): dev holds the rule's speakers' utterances, train the rest."""
+    train_speakers = _transcript_speakers(an4_dir, "train")
+    dev_speakers = an4_recipe.choose_dev_speakers(train_speakers, _transcript_speakers(an4_dir, "test"))
     dev = load_manifest(an4_data / "fbank" / "an4_cuts_dev.jsonl.gz")
     train = load_manifest(an4_data / "fbank" / "an4_cuts_train.jsonl.gz")
-    assert list(dev.ids) == ids[:100]
-    assert sorted(train.ids) == sorted(ids[100:])
+    assert {c.supervisions[0].speaker for c in dev} == dev_speakers
+    assert not {c.supervisions[0].speaker for c in train} & dev_speakers
+    assert len(dev) + len(train) == sum(train_speakers.values())
 
 
 def test_first_lines_keeps_the_old_split(an4_dir):

@@ -135,6 +135,11 @@ _EE_ZIPFORMER_CPU = dict(
     decoder_dim=256,
     joiner_dim=256,
 )
+# The control for the Splitformer at equal compute: the early-exit baseline whose blocks 0 and 5, where
+# splitformer-cpu has its branches, spend the branches' MACs on wider feed-forwards (384 against 256). Its MACs per
+# second of audio equal splitformer-cpu's within 0.2 % at every exit (summary.py on 3 s); it has 4.00M parameters
+# against 4.27M.
+_EE_ZIPFORMER_CPU_MATCHED = dict(_EE_ZIPFORMER_CPU, feedforward_dim="384,256,256,256,256,384")
 
 # Wright et al.'s other half: a pretrained self-supervised backbone fine-tuned with an exit every 2 layers. The
 # architecture is the checkpoint's (config.json); --hf-weights random builds it from transformers' default config of
@@ -164,6 +169,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "ee-zipformer": _EE_ZIPFORMER,
     "splitformer": dict(_EE_ZIPFORMER, **_SPLIT_ZIP),
     "ee-zipformer-cpu": _EE_ZIPFORMER_CPU,
+    "ee-zipformer-cpu-matched": _EE_ZIPFORMER_CPU_MATCHED,
     "splitformer-cpu": dict(_EE_ZIPFORMER_CPU, **_SPLIT_ZIP),
     "splitformer-cpu-causal": dict(_EE_ZIPFORMER_CPU, **_SPLIT_ZIP, **_CAUSAL_CONV1D),
     "w2v2-base-exits": dict(_HF_EXITS, hf_model="facebook/wav2vec2-base"),
@@ -197,14 +203,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="global: normalise the fbank by the training set's per-bin mean and std (stored in the model)")
     g.add_argument("--conv1d-activation", type=str, default="relu", choices=["relu", "swish", "none"],
                    help="activation between the two convs of the conv1d front end")
-    # Zipformer2 per-stack settings (comma lists, icefall's names). The early-exit encoder reads the first value.
+    # Zipformer2 per-stack settings (comma lists, icefall's names). The early-exit encoder reads the first value,
+    # except --feedforward-dim: one width, or one per block (per exit).
     g.add_argument("--num-encoder-layers", type=str, default=_ZIPFORMER_M["num_encoder_layers"],
                    help="layers per stack (zipformer) or total layers (early-exit)")
     g.add_argument("--downsampling-factor", type=str, default=_ZIPFORMER_M["downsampling_factor"])
     g.add_argument("--output-downsampling-factor", type=int, default=2, choices=[1, 2],
                    help="zipformer: 2 averages output frames in pairs (icefall's, for the x2 conv2d front end); "
                         "1 keeps the front end's rate (25 Hz with the x4 conv1d front end)")
-    g.add_argument("--feedforward-dim", type=str, default=_ZIPFORMER_M["feedforward_dim"])
+    g.add_argument("--feedforward-dim", type=str, default=_ZIPFORMER_M["feedforward_dim"],
+                   help="per stack (zipformer); early-exit: one width for every block, or one per block (as many as "
+                        "--exit-layers), e.g. a control that spends a Splitformer branch's compute in its block")
     g.add_argument("--num-heads", type=str, default=_ZIPFORMER_M["num_heads"])
     g.add_argument("--encoder-dim", type=str, default=_ZIPFORMER_M["encoder_dim"])
     g.add_argument("--encoder-unmasked-dim", type=str, default=_ZIPFORMER_M["encoder_unmasked_dim"])
@@ -424,7 +433,7 @@ def build_encoder(args: argparse.Namespace) -> Tuple[nn.Module, int]:
         exit_layers=to_int_tuple(args.exit_layers),
         layer_type=args.layer_type,
         num_heads=_first(args.num_heads),
-        feedforward_dim=_first(args.feedforward_dim),
+        feedforward_dim=to_int_tuple(args.feedforward_dim),  # one width, or one per block
         cnn_module_kernel=_first(args.cnn_module_kernel),
         dropout=args.dropout,
         input_downsample=args.input_downsample,

@@ -10,7 +10,7 @@ Terminology: ``exits[i]`` is the layer count after which exit i sits; block i is
 """
 import random
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,18 @@ from splitformer.model.scaling import limit_param_value
 LAYER_TYPES = ("zipformer", "conformer")
 DOWNSAMPLE_MODES = ("learned", "drop")
 COMBINE_MODES = ("sum", "bypass")
+
+
+def block_widths(width: Union[int, Sequence[int]], n_blocks: int) -> List[int]:
+    """One width for every block, or one per block (a block is the span of layers between two exits, with its
+    Splitformer branch). Per-block widths let a control spend a branch's compute in its own block."""
+    ws = [int(width)] if isinstance(width, int) else [int(w) for w in width]
+    if len(ws) == 1:
+        ws = ws * n_blocks
+    if len(ws) != n_blocks or min(ws) < 1:
+        raise ValueError(f"feedforward_dim must be one positive width or one per block ({n_blocks} blocks, one per "
+                         f"exit), got {tuple(ws)}")
+    return ws
 
 
 def make_pad_mask(lens: Tensor, max_len: int) -> Tensor:
@@ -200,7 +212,7 @@ class EarlyExitEncoder(nn.Module):
         exit_layers: Sequence[int] = (2, 4, 6, 8, 10, 12),
         layer_type: str = "zipformer",
         num_heads: int = 4,
-        feedforward_dim: int = 768,
+        feedforward_dim: Union[int, Sequence[int]] = 768,
         cnn_module_kernel: int = 31,
         dropout: float = 0.1,
         pos_encoding: str = "rel",
@@ -261,10 +273,14 @@ class EarlyExitEncoder(nn.Module):
             from splitformer.model.zipformer import CompactRelPositionalEncoding
 
             self.pos_enc = CompactRelPositionalEncoding(pos_dim, dropout)
-        self.layers = nn.ModuleList([self._make_layer(layer_type, hp) for _ in range(num_layers)])
+        n_blocks = len(exits)
+        ff = block_widths(feedforward_dim, n_blocks)
+        self.feedforward_dims: List[int] = ff
+        layer_block = [next(b for b, e in enumerate(exits) if i < e) for i in range(num_layers)]
+        self.layers = nn.ModuleList([self._make_layer(layer_type, dict(hp, feedforward_dim=ff[layer_block[i]]))
+                                     for i in range(num_layers)])
         self.exit_norms = nn.ModuleList([self._make_norm(layer_type, d_model) for _ in exits])
 
-        n_blocks = len(exits)
         resolved = sorted({b % n_blocks if -n_blocks <= b < n_blocks else b for b in split_blocks})
         bad = [b for b in resolved if not 0 <= b < n_blocks]
         if bad or len(resolved) != len(tuple(split_blocks)):
@@ -273,7 +289,8 @@ class EarlyExitEncoder(nn.Module):
         self.split_blocks: List[int] = resolved
         self.branches = nn.ModuleDict({
             str(b): SplitBranch(
-                nn.ModuleList([self._make_layer(layer_type, hp, skip_rate=0.0) for _ in range(split_num_layers)]),
+                nn.ModuleList([self._make_layer(layer_type, dict(hp, feedforward_dim=ff[b]), skip_rate=0.0)
+                               for _ in range(split_num_layers)]),
                 d_model, split_downsampling_factor, split_downsample, split_combine)
             for b in resolved
         })
