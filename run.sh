@@ -3,11 +3,13 @@
 # Splitformer with CPU presets, decode every exit of each, and write exp/report/.
 #
 #   ./run.sh [--schedule short|long] [--models "zipformer-cpu ee-zipformer-cpu splitformer-cpu"]
-#            [--seeds "42"] [--exp-root exp] [--num-epochs N] [--avg N] [--max-duration S]
+#            [--seeds "42"] [--exp-root exp] [--num-epochs N] [--avg "4 2 6 8"] [--max-duration S]
 #            [--corpus-dir ../shared/data/an4] [--decoding-method greedy_search] [--jobs 2]
 #            [--streaming false] [--train-args "..."] [--stage 0] [--stop-stage 3]
 #
-# Stages: 0 prepare data, 1 train, 2 decode, 3 report. Each model trains into <exp-root>/<preset>
+# Stages: 0 prepare data, 1 train, 2 decode, 3 report. --avg with several values chooses each model's average on
+# dev (the lowest dev WER at the last exit; a tie goes to the first listed) before any other set is decoded, and
+# writes the choice to <dir>/chosen-avg.txt; one value fixes it. Each model trains into <exp-root>/<preset>
 # (<exp-root>/<preset>-seed<N> for seeds other than 42); the report goes to <exp-root>/report/.
 # --jobs N trains N models at a time, each on (cores / N) threads, longest first (on 2 cores two 1-thread
 # runs finish the three models in about two thirds of the time one 2-thread run after another takes).
@@ -48,7 +50,7 @@ while [ $# -gt 0 ]; do
     --train-args) extra_train_args=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --streaming) streaming=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,8 +63,8 @@ an4_train_args="--warmup-batches 100 --warm-step 300 --lr-batches 1000 --lr-epoc
 # swaps cuts for them); and the unmatched conditions no training run uses (prepare.sh --conditions true)
 test_sets="dev,test,test-narrowband,test-trimmed,test-telephone,test-babble20,test-babble10,test-reverb,test-speed0.9,test-speed1.1,test-quiet"
 case "$schedule" in
-  short) def_epochs=12; def_avg=4; def_max_duration=25 ;;
-  long) def_epochs=60; def_avg=10; def_max_duration=25 ;;
+  short) def_epochs=12; def_avg="4 2 6 8"; def_max_duration=25 ;;
+  long) def_epochs=60; def_avg="10 5 15 20"; def_max_duration=25 ;;
   *) echo "run.sh: --schedule must be short or long, not '$schedule'" >&2; exit 2 ;;
 esac
 case "$streaming" in
@@ -77,7 +79,14 @@ num_epochs=${num_epochs:-$def_epochs}
 avg=${avg:-$def_avg}
 max_duration=${max_duration:-$def_max_duration}
 exp_root=${exp_root:-$([ "$schedule" = short ] && echo exp || echo exp/long)}
-[ "$avg" -le "$num_epochs" ] || avg=$num_epochs
+avg_choices=""
+for a in ${avg//,/ }; do
+  [[ "$a" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --avg takes positive integers, not '$a'" >&2; exit 2; }
+  [ "$a" -le "$num_epochs" ] || a=$num_epochs
+  case " $avg_choices " in *" $a "*) ;; *) avg_choices="$avg_choices $a" ;; esac
+done
+read -r -a avg_list <<< "$avg_choices"
+[ "${#avg_list[@]}" -ge 1 ] || { echo "run.sh: --avg needs a value" >&2; exit 2; }
 
 source tools/env.sh
 
@@ -126,12 +135,51 @@ train_one() {  # preset seed dir: one run, its log in <dir>/log/train-stdout.txt
   fi
 }
 
+chosen_avg() {  # dir: the --avg stage 2 chose for it (the only one when one was given)
+  if [ "${#avg_list[@]}" = 1 ]; then echo "${avg_list[0]}"; return; fi
+  [ -s "$1/chosen-avg.txt" ] || { echo "run.sh: $1/chosen-avg.txt is missing: run stage 2 first" >&2; return 1; }
+  head -n 1 "$1/chosen-avg.txt"
+}
+
+choose_avg() {  # preset seed dir: decode dev at every --avg and keep the lowest last-exit WER in <dir>/chosen-avg.txt
+  local m=$1 s=$2 d=$3 a
+  for a in "${avg_list[@]}"; do
+    progress "stage 2: choose the average of $m, seed $s, on dev: --avg $a"
+    ./splitformer/decode.py --exp-dir "$d" --epoch "$num_epochs" --avg "$a" --num-threads "$threads" \
+      --use-averaged-model --exit-layer all --decoding-method "$decoding_method" --max-duration 200 \
+      --test-sets dev || return 1
+  done
+  python - "$d/$decoding_method/results-dev.json" "$num_epochs" "$decoding_method" "${avg_list[@]}" \
+      > "$d/chosen-avg.txt" <<'PY' || return 1
+import json, sys
+path, epoch, method, *avgs = sys.argv[1:]
+runs = json.load(open(path))["runs"].values()
+wer = {}
+for a in avgs:
+    mine = [r for r in runs if r["kind"] == "fixed" and r["epoch"] == int(epoch) and r["avg"] == int(a)
+            and r["use_averaged_model"] and not r.get("iter")]
+    if not mine:
+        sys.exit(f"run.sh: {path} holds no decode of epoch {epoch} --avg {a} --use-averaged-model")
+    last = max(r["exit_layer"] for r in mine)
+    wer[a] = next(r["wer"] for r in mine if r["exit_layer"] == last)
+best = min(avgs, key=lambda a: (wer[a], avgs.index(a)))
+print(best)
+print("dev WER at the last exit by --avg: " + ", ".join(f"{a}: {wer[a]:.2f}" for a in avgs))
+PY
+  progress "stage 2: $m, seed $s: $(tail -n 1 "$d/chosen-avg.txt"); chosen --avg $(head -n 1 "$d/chosen-avg.txt")"
+}
+
 decode_one() {  # preset seed dir: every exit of every test set, and with --streaming a causal model as a stream
-  local m=$1 s=$2 d=$3
-  progress "stage 2: decode every exit of $m, seed $s"
+  local m=$1 s=$2 d=$3 sets=$test_sets avg
+  if [ "${#avg_list[@]}" -gt 1 ]; then
+    choose_avg "$m" "$s" "$d" || return 1
+    sets=${test_sets#dev,}  # dev is decoded at the chosen average already
+  fi
+  avg=$(chosen_avg "$d") || return 1
+  progress "stage 2: decode every exit of $m, seed $s (--avg $avg)"
   ./splitformer/decode.py --exp-dir "$d" --epoch "$num_epochs" --avg "$avg" --num-threads "$threads" \
     --use-averaged-model --exit-layer all --decoding-method "$decoding_method" --max-duration 200 \
-    --test-sets "$test_sets" || return 1
+    --test-sets "$sets" || return 1
   if [ "$streaming" = true ] && [[ "$m" == *-causal ]]; then
     # 320 and 640 ms chunks (8 and 16 frames of 40 ms) with 2.56 and 5.12 s of left context, as icefall
     # decodes its 320/640 ms models; then per-chunk exits at half the last exit's compute, the threshold of
@@ -190,13 +238,14 @@ fi
 
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   progress "stage 3: report"
-  dirs=(); names=()
+  dirs=(); names=(); ckpts=()
   for r in "${runs[@]}"; do
     read -r m s d <<< "$r"
-    dirs+=("$d"); names+=("$m")
+    dirs+=("$d"); names+=("$m"); ckpts+=("epoch-${num_epochs}_avg-$(chosen_avg "$d")_use-averaged-model")
   done
   ./splitformer/compare.py "${dirs[@]}" --names "$(IFS=,; echo "${names[*]}")" --out "$exp_root/report" \
-    --conditions data/fbank/an4_conditions.json --wall-seconds $(( $(date +%s) - start ))
+    --checkpoint "$(IFS=,; echo "${ckpts[*]}")" --conditions data/fbank/an4_conditions.json \
+    --wall-seconds $(( $(date +%s) - start ))
   echo "report: $exp_root/report/report.md"
 fi
 progress "done"

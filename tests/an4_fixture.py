@@ -35,7 +35,7 @@ def recipe_args() -> List[str]:
 
     text = (REPO / "run.sh").read_text()
     args = shlex.split(re.search(r'^an4_train_args="([^"]*)"', text, re.M).group(1))
-    max_duration = re.search(r"short\) def_epochs=\d+; def_avg=\d+; def_max_duration=(\d+)", text).group(1)
+    max_duration = re.search(r"short\) def_epochs=\d+; def_avg=[^;]*; def_max_duration=(\d+)", text).group(1)
     return args + ["--max-duration", max_duration]
 
 
