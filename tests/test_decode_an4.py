@@ -127,6 +127,13 @@ def test_dynamic_exits_at_a_middle_threshold_match_an_independent_computation(tr
     run = _runs(t)[f"epoch-2_avg-1_exit-{strategy}-{thr}_greedy_search"]
     assert run["exit_counts"] == _independent_exits(t, strategy, point["threshold"])
     assert sum(1 for c in run["exit_counts"].values() if c) >= 2
+    # batches of similar length (--sort-by-duration): other batches, the same exits and words
+    recogs = t["exp"] / "greedy_search" / f"recogs-dev-epoch-2_avg-1_exit-{strategy}-{thr}_greedy_search.txt"
+    words = recogs.read_text()
+    assert _decode(t, "--exit-strategy", strategy, "--exit-threshold", thr, "--max-duration", "30",
+                   "--sort-by-duration", "true") == 0
+    assert _runs(t)[f"epoch-2_avg-1_exit-{strategy}-{thr}_greedy_search"]["exit_counts"] == run["exit_counts"]
+    assert recogs.read_text() == words
 
 
 def test_threshold_sweep_curve_spans_first_to_last_exit_and_matches_a_real_dynamic_run(trained_an4):
