@@ -48,6 +48,23 @@ def test_zipformer_lite_matches_the_early_exit_models_last_exit_in_compute():
     assert out.shape[1] == out_lens.item() == encoder_output_frames(lite_args, 203) == (203 - 3) // 4
 
 
+def test_the_matched_control_costs_what_the_splitformer_costs_at_every_exit():
+    """ee-zipformer-cpu-matched is the Splitformer's equal-compute control: its wider blocks 0 and 5 cost what the
+    branches cost, within 0.5 % at every exit (3 s, AN4's mean), with fewer parameters; only those blocks widen."""
+    split = build_model(default_model_args(preset="splitformer-cpu"), 30)
+    matched = build_model(default_model_args(preset="ee-zipformer-cpu-matched"), 30)
+    plain = build_model(default_model_args(preset="ee-zipformer-cpu"), 30)
+    a, b, c = exit_macs(split, 3.0), exit_macs(matched, 3.0), exit_macs(plain, 3.0)
+    for e in split.exits:
+        assert abs(b[e] - a[e]) / a[e] < 0.005, (e, a[e], b[e])
+        assert a[e] - c[e] > 3e6  # the plain early-exit model does not: each branch costs 3.6M MACs/s
+    assert count_params(plain) < count_params(matched) < count_params(split)
+    assert matched.encoder.feedforward_dims == [384, 256, 256, 256, 256, 384] and not matched.encoder.branches
+    # one width per block, or one for all; another count is refused with the rule
+    with pytest.raises(ValueError, match="one per block"):
+        build_model(default_model_args(preset="ee-zipformer-cpu", feedforward_dim="256,384"), 30)
+
+
 def test_every_preset_builds():
     for name in PRESETS:
         # the pretrained-backbone presets name hub checkpoints, which this machine cannot download: architecture only
