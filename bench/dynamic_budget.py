@@ -48,8 +48,10 @@ def main() -> None:
     args = p.parse_args()
     blanks = ["true", "false"] if args.count_blank == "both" else [args.count_blank]
     decode(args, "--exit-layer", "all", "--test-sets", "dev,test")
-    fixed = {s: {r["exit_layer"]: r for r in runs(args, s).values() if r["kind"] == "fixed" and r.get("from_sweep")}
-             for s in ("dev", "test")}
+    # this checkpoint's fixed exits only: a directory may hold decodes of other averages (run.sh's --avg choice)
+    mine = lambda r: (r["kind"] == "fixed" and r.get("from_sweep") and r["epoch"] == args.epoch and r["avg"] == args.avg
+                      and bool(r["use_averaged_model"]) == bool(args.use_averaged_model) and not r.get("iter"))
+    fixed = {s: {r["exit_layer"]: r for r in runs(args, s).values() if mine(r)} for s in ("dev", "test")}
     last = max(fixed["dev"])
     rows: List[str] = []
     for scorer in ("transducer", "ctc"):
