@@ -152,12 +152,12 @@ choose_avg() {  # preset seed dir: decode dev at every --avg and keep the lowest
   python - "$d/$decoding_method/results-dev.json" "$num_epochs" "$decoding_method" "${avg_list[@]}" \
       > "$d/chosen-avg.txt" <<'PY' || return 1
 import json, sys
+from splitformer.compare import checkpoint_of
 path, epoch, method, *avgs = sys.argv[1:]
 runs = json.load(open(path))["runs"].values()
 wer = {}
 for a in avgs:
-    mine = [r for r in runs if r["kind"] == "fixed" and r["epoch"] == int(epoch) and r["avg"] == int(a)
-            and r["use_averaged_model"] and not r.get("iter")]
+    mine = [r for r in runs if r["kind"] == "fixed" and checkpoint_of(r) == f"epoch-{epoch}_avg-{a}_use-averaged-model"]
     if not mine:
         sys.exit(f"run.sh: {path} holds no decode of epoch {epoch} --avg {a} --use-averaged-model")
     last = max(r["exit_layer"] for r in mine)

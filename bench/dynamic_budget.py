@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+from splitformer.compare import checkpoint_of  # noqa: E402
 from splitformer.decoding.cli import add_checkpoint_arguments  # noqa: E402
 
 
@@ -49,9 +50,9 @@ def main() -> None:
     blanks = ["true", "false"] if args.count_blank == "both" else [args.count_blank]
     decode(args, "--exit-layer", "all", "--test-sets", "dev,test")
     # this checkpoint's fixed exits only: a directory may hold decodes of other averages (run.sh's --avg choice)
-    mine = lambda r: (r["kind"] == "fixed" and r.get("from_sweep") and r["epoch"] == args.epoch and r["avg"] == args.avg
-                      and bool(r["use_averaged_model"]) == bool(args.use_averaged_model) and not r.get("iter"))
-    fixed = {s: {r["exit_layer"]: r for r in runs(args, s).values() if mine(r)} for s in ("dev", "test")}
+    ckpt = checkpoint_of(vars(args))
+    fixed = {s: {r["exit_layer"]: r for r in runs(args, s).values()
+                 if r["kind"] == "fixed" and r.get("from_sweep") and checkpoint_of(r) == ckpt} for s in ("dev", "test")}
     last = max(fixed["dev"])
     rows: List[str] = []
     for scorer in ("transducer", "ctc"):

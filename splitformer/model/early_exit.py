@@ -276,9 +276,8 @@ class EarlyExitEncoder(nn.Module):
         n_blocks = len(exits)
         ff = block_widths(feedforward_dim, n_blocks)
         self.feedforward_dims: List[int] = ff
-        layer_block = [next(b for b, e in enumerate(exits) if i < e) for i in range(num_layers)]
-        self.layers = nn.ModuleList([self._make_layer(layer_type, dict(hp, feedforward_dim=ff[layer_block[i]]))
-                                     for i in range(num_layers)])
+        self.layers = nn.ModuleList([self._make_layer(layer_type, dict(hp, feedforward_dim=ff[b]))
+                                     for b in range(n_blocks) for _ in self.block_layers(b)])
         self.exit_norms = nn.ModuleList([self._make_norm(layer_type, d_model) for _ in exits])
 
         resolved = sorted({b % n_blocks if -n_blocks <= b < n_blocks else b for b in split_blocks})
