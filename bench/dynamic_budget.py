@@ -9,7 +9,9 @@ For each criterion and reader it runs decode.py twice on test, every threshold c
 decoded: ``--exit-budget-macs`` (the lowest dev WER within the budget), and the cheapest threshold whose dev WER is
 no worse than the last exit's on dev (``iso-WER``, read off a dev sweep). Costs are MACs per second of audio: the
 encoder up to each utterance's exit plus the criterion at every exit it was scored at (the last exit is never
-scored). Prints a markdown table with the fixed exits beside, and the dev figures behind every choice.
+scored). Prints a markdown table with the fixed exits beside, the dev figures behind every choice, and each
+row against the fixed exit it should beat (at budget: the cheapest that costs at least as much; iso-WER: the last
+exit) with its interval over speakers, Holm-corrected over the rows.
 """
 import argparse
 import json
@@ -17,13 +19,13 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
-from splitformer.compare import checkpoint_of  # noqa: E402
+from splitformer.compare import checkpoint_of, difference_test, holm  # noqa: E402
 from splitformer.decoding.cli import add_checkpoint_arguments  # noqa: E402
 
 
@@ -34,6 +36,22 @@ def decode(args, *extra: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"decode.py {' '.join(extra)} failed:\n{r.stderr[-3000:]}")
+
+
+def at_cost(fixed: Dict[int, dict], macs: float) -> Optional[dict]:
+    """The fixed exit a dynamic run should beat: the cheapest that costs at least what it spent."""
+    dearer = [r for r in fixed.values() if r["macs_per_second"] >= macs]
+    return min(dearer, key=lambda r: r["macs_per_second"]) if dearer else None
+
+
+def describe(test: Optional[dict], p_holm: Optional[float]) -> str:
+    """'+1.23 [-0.5, +3.0], Holm p 0.42' (or the reason there is no interval)."""
+    if test is None:
+        return "-"
+    if test["ci95"] is None:
+        return f"{test['diff']:+.2f} (no interval: {test['speakers']} speaker(s))"
+    lo, hi = test["ci95"]
+    return f"{test['diff']:+.2f} [{lo:+.1f}, {hi:+.1f}], Holm p {p_holm:.2f}"
 
 
 def runs(args, test_set: str) -> Dict[str, dict]:
@@ -54,7 +72,7 @@ def main() -> None:
     fixed = {s: {r["exit_layer"]: r for r in runs(args, s).values()
                  if r["kind"] == "fixed" and r.get("from_sweep") and checkpoint_of(r) == ckpt} for s in ("dev", "test")}
     last = max(fixed["dev"])
-    rows: List[str] = []
+    picked: List[dict] = []
     for scorer in ("transducer", "ctc"):
         for blank in blanks:
             common = ["--exit-scorer", scorer, "--exit-count-blank", blank]
@@ -75,20 +93,33 @@ def main() -> None:
                 iso = next(r for r in runs(args, "test").values() if r["kind"] == "dynamic"
                            and r["tag"].split("_exit-")[1].startswith(f"{strategy}-{thr}")
                            and r["scorer"] == scorer and r.get("count_blank", True) == (blank == "true"))
-                rows.append(f"| {strategy} | {scorer} | {'all' if blank == 'true' else 'tokens'} | "
-                            f"{b['wer']:.2f} | {b['macs_per_second'] / 1e6:.1f} | {b['mean_exit_layer']:.2f} | "
-                            f"{b['dev_wer']:.2f} | {iso['wer']:.2f} | {iso['macs_per_second'] / 1e6:.1f} "
-                            f"({100 * iso['macs_per_second'] / fixed['test'][last]['macs_per_second']:.0f} %) | "
-                            f"{pick['wer']:.2f} |")
-                print(rows[-1], flush=True)
+                vs_fixed = at_cost(fixed["test"], b["macs_per_second"])
+                picked.append(dict(strategy=strategy, scorer=scorer, blank=blank, budget=b, iso=iso, pick=pick,
+                                   vs_fixed=vs_fixed, d_budget=difference_test([b], [vs_fixed]) if vs_fixed else None,
+                                   d_iso=difference_test([iso], [fixed["test"][last]])))
+                print(f"{strategy} {scorer} count-blank {blank}: test {b['wer']:.2f} at budget, {iso['wer']:.2f} "
+                      "at the last exit's dev WER", flush=True)
     print()
     print(f"{args.exp_dir} epoch {args.epoch} avg {args.avg}{' averaged' if args.use_averaged_model else ''}; "
           f"budget {args.budget_macs / 1e6:g} M MACs/s; last exit {last}: dev {fixed['dev'][last]['wer']:.2f} %, "
           f"test {fixed['test'][last]['wer']:.2f} % at {fixed['test'][last]['macs_per_second'] / 1e6:.1f} M")
+    print("Differences: test WER minus the fixed exit's, paired two-stage bootstrap over speakers and their "
+          "utterances (compare.py), 95 % interval, Holm-corrected over the rows of each column.")
     print("| criterion | read from | frames | test WER at budget | MMACs/s | mean exit | dev WER at budget | "
-          "test WER iso-WER | MMACs/s iso-WER (of last exit) | dev WER iso-WER |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(rows))
+          "against the fixed exit at that cost | test WER iso-WER | MMACs/s iso-WER (of last exit) | "
+          "dev WER iso-WER | against the last exit |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    holm_budget = holm([None if r["d_budget"] is None else r["d_budget"]["p"] for r in picked])
+    holm_iso = holm([None if r["d_iso"] is None else r["d_iso"]["p"] for r in picked])
+    last_macs = fixed["test"][last]["macs_per_second"]
+    for r, hb, hi in zip(picked, holm_budget, holm_iso):
+        b, iso = r["budget"], r["iso"]
+        vs = "-" if r["vs_fixed"] is None else f"exit {r['vs_fixed']['exit_layer']}: {describe(r['d_budget'], hb)}"
+        print(f"| {r['strategy']} | {r['scorer']} | {'all' if r['blank'] == 'true' else 'tokens'} | "
+              f"{b['wer']:.2f} | {b['macs_per_second'] / 1e6:.1f} | {b['mean_exit_layer']:.2f} | {b['dev_wer']:.2f} | "
+              f"{vs} | {iso['wer']:.2f} | {iso['macs_per_second'] / 1e6:.1f} "
+              f"({100 * iso['macs_per_second'] / last_macs:.0f} %) | {r['pick']['wer']:.2f} | "
+              f"{describe(r['d_iso'], hi)} |")
     print("| fixed exits (test WER, MMACs/s) | | | " + "; ".join(
         f"{e}: {r['wer']:.2f}, {r['macs_per_second'] / 1e6:.1f}" for e, r in sorted(fixed["test"].items())) + " |")
     if not all(math.isfinite(r["wer"]) for r in fixed["test"].values()):

@@ -220,14 +220,6 @@ def difference_test(a: Sequence[Dict], b: Sequence[Dict], draws: int = 1000) -> 
     return dict(diff=point, ci95=[float(lo), float(hi)], p=bootstrap_p(spread), speakers=len(groups))
 
 
-def difference_interval(a: Sequence[Dict], b: Sequence[Dict], draws: int = 1000) -> Optional[Tuple[float, float, float]]:
-    """(mean WER of a - b, 95 % low, high) by the paired bootstrap of ``difference_test``."""
-    t = difference_test(a, b, draws)
-    if t is None or t["ci95"] is None:
-        return None
-    return t["diff"], t["ci95"][0], t["ci95"][1]
-
-
 def _corpus_wer(run: Dict, utts: Sequence[str]) -> float:
     e = sum(run["utt_errors"][u][0] for u in utts)
     r = sum(run["utt_errors"][u][1] for u in utts)
@@ -426,8 +418,8 @@ def differences(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
 
 def streaming_ratios(summary: Dict[Tuple, Dict], draws: int = 1000) -> List[Dict]:
     """What streaming costs a causal model: at each exit, the WER of every chunked run (streamed or simulated)
-    over the same system's full-context WER with the same search, with a 95 % interval from a paired bootstrap
-    over the utterances both decoded."""
+    over the same system's full-context WER with the same search, with a 95 % interval from a paired two-stage
+    bootstrap over the speakers and utterances both decoded."""
     import numpy as np
 
     out = []
@@ -553,20 +545,26 @@ def markdown(runs: Sequence[Dict], summary: Dict[Tuple, Dict], diffs: Sequence[D
         if budgets:
             lines += ["", f"Compute budgets (threshold chosen on the budget set, then applied to {s}; costs count the "
                       "encoder up to each exit and the criterion at every exit scored; against the cheapest fixed exit "
-                      "of the same decode that costs at least as much, paired bootstrap):", "",
+                      "of the same decode that costs at least as much, paired bootstrap over speakers, p Holm-corrected "
+                      "over the rows of this table):", "",
                       "| experiment | method | strategy | scorer | budget | threshold | WER % on budget set | WER % | "
-                      "cost reached | mean exit layer | fixed exit (WER %, MMACs/s) | WER - fixed | 95 % interval |",
-                      "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
-            for r in sorted(budgets, key=lambda r: (r["experiment"], r["strategy"], r.get("scorer", "ctc"),
-                                                    r["budget_kind"], r["budget"])):
-                f = fixed_at_cost(runs, r)
-                d = difference_interval([r], [f]) if f is not None else None
+                      "cost reached | mean exit layer | fixed exit (WER %, MMACs/s) | WER - fixed | 95 % interval | "
+                      "Holm p |",
+                      "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+            budgets = sorted(budgets, key=lambda r: (r["experiment"], r["strategy"], r.get("scorer", "ctc"),
+                                                     r["budget_kind"], r["budget"]))
+            against = [fixed_at_cost(runs, r) for r in budgets]
+            tests = [difference_test([r], [f]) if f is not None else None for r, f in zip(budgets, against)]
+            corrected = holm([t["p"] if t else None for t in tests])
+            for r, f, t, p in zip(budgets, against, tests, corrected):
                 vs = "-" if f is None else f"{f['exit_layer']} ({f['wer']:.2f}, {_num(_mmacs(f['macs_per_second']), '.1f')})"
                 lines.append(f"| {r['experiment']} | {_method(r)} | {r['strategy']} | {r.get('scorer', 'ctc')} | "
                              f"{r['budget_kind']} {r['budget']:.4g} | "
                              f"{r['threshold']:.4g} | {r['dev_wer']:.2f} ({r['budget_set']}) | {r['wer']:.2f} | "
                              f"{r['achieved_cost']:.4g} | {r['mean_exit_layer']:.2f} | {vs} | "
-                             f"{'-' if d is None else f'{d[0]:+.2f}'} | {'-' if d is None else _ci(d[1:])} |")
+                             f"{'-' if t is None else format(t['diff'], '+.2f')} | "
+                             f"{'-' if t is None else _ci(t['ci95'])} | "
+                             f"{_p(p)} |")
         sweeps = [r for r in runs if r.get("kind") == "dynamic-sweep" and r["test_set"] == s]
         for r in sweeps:
             lines += ["", f"Dynamic-exit sweep, {r['experiment']}, {_method(r)}, criteria read from the "

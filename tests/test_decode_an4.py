@@ -307,6 +307,9 @@ def test_compute_budget_picks_a_threshold_that_meets_it_and_reports_the_cost_rea
     assert compare_main([str(t["exp"]), "--names", "tiny", "--checkpoint", "epoch-2_avg-1", "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Compute budgets" in md and "| entropy | ctc | macs " in md
+    # each budget row is set against its fixed exit with an interval over speakers and a Holm-corrected p
+    budget_rows = [ln for ln in md.splitlines() if ln.startswith("| tiny | ") and " | macs " in ln]
+    assert budget_rows and all(len(ln.strip("|").split(" | ")) == 14 for ln in budget_rows)
 
 
 def test_transducer_scorer_reads_the_transducer_and_its_sweep_equals_a_real_run(trained_an4):
