@@ -79,7 +79,9 @@ def main() -> None:
             decode(args, "--exit-threshold", "sweep", "--test-sets", "dev", *common)
             sweep = next(r for r in runs(args, "dev").values() if r["kind"] == "dynamic-sweep"
                          and r["scorer"] == scorer and r.get("count_blank", True) == (blank == "true"))
-            for strategy in ("confidence", "entropy", "posterior"):
+            # the posterior scores N-best hypotheses, not frames: it has one row per reader, not one per blank choice
+            strategies = ("confidence", "entropy") + (("posterior",) if blank == blanks[0] else ())
+            for strategy in strategies:
                 decode(args, "--exit-strategy", strategy, "--exit-budget-macs", repr(args.budget_macs),
                        "--test-sets", "test", "--budget-set", "dev", *common)
                 tag_part = f"{strategy}-budget-macs-{args.budget_macs:g}"
@@ -115,7 +117,8 @@ def main() -> None:
     for r, hb, hi in zip(picked, holm_budget, holm_iso):
         b, iso = r["budget"], r["iso"]
         vs = "-" if r["vs_fixed"] is None else f"exit {r['vs_fixed']['exit_layer']}: {describe(r['d_budget'], hb)}"
-        print(f"| {r['strategy']} | {r['scorer']} | {'all' if r['blank'] == 'true' else 'tokens'} | "
+        frames = "-" if r["strategy"] == "posterior" else "all" if r["blank"] == "true" else "tokens"
+        print(f"| {r['strategy']} | {r['scorer']} | {frames} | "
               f"{b['wer']:.2f} | {b['macs_per_second'] / 1e6:.1f} | {b['mean_exit_layer']:.2f} | {b['dev_wer']:.2f} | "
               f"{vs} | {iso['wer']:.2f} | {iso['macs_per_second'] / 1e6:.1f} "
               f"({100 * iso['macs_per_second'] / last_macs:.0f} %) | {r['pick']['wer']:.2f} | "

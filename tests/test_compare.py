@@ -181,6 +181,20 @@ def test_holm_on_known_p_values():
     assert bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)
 
 
+def test_budget_rows_are_holm_corrected_per_model_and_decode_not_across_them():
+    from splitformer.compare import budget_holm
+
+    rows = [dict(experiment="a", method="greedy_search", beam=4), dict(experiment="a", method="greedy_search", beam=4),
+            dict(experiment="b", method="greedy_search", beam=4), dict(experiment="a", method="greedy_search", beam=4,
+                                                                    chunk_size=8, chunk_ms=320, left_context_ms=2560,
+                                                                    streaming=True)]
+    tests = [dict(p=0.01), dict(p=0.04), dict(p=0.02), dict(p=0.03)]
+    # a's offline rows are one family of two; b's row and a's streamed row stand alone (one family of four would
+    # have given 0.04, 0.06, 0.06, 0.06)
+    assert budget_holm(rows, tests) == pytest.approx([0.02, 0.04, 0.02, 0.03])
+    assert budget_holm(rows[:1] + [rows[0]], [dict(p=0.01), None]) == [pytest.approx(0.01), None]
+
+
 def test_differences_are_holm_corrected_over_the_exits_of_a_pair(tmp_path):
     from splitformer.decoding.results import update_results_json
 
