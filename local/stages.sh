@@ -40,8 +40,8 @@ Usage: $0 [options]
   --stop-stage N       last stage to run (default: ${stop_stage})
   --num-jobs N         threads for audio checks, processes for fbank of splits over 2000 cuts (default: ${num_jobs})
   --speed-perturb BOOL add 0.9x/1.1x copies of the training cuts (default: ${speed_perturb})
-  --variants BOOL      stage 6: narrowband (8 kHz and back) and silence-trimmed copies of the training and
-                       test splits, as <split>-narrowband and <split>-trimmed: test sets for decode.py,
+  --variants BOOL      stage 6: narrowband (8 kHz and back) and silence-trimmed copies of the training,
+                       dev and test splits, as <split>-narrowband and <split>-trimmed: test sets for decode.py,
                        and augmentation for train.py --train-variants (default: ${variants}). Labelled
                        matched in <data-dir>/fbank/<dataset>_conditions.json
   --conditions BOOL    stage 7: test sets under conditions no training run uses (unmatched), as
@@ -110,7 +110,7 @@ import sys
 from splitformer.data.recipes import get_dataset
 d = get_dataset(sys.argv[1])
 print(' '.join(d.all_splits())); print(' '.join(d.train_splits)); print(d.default_vocab_size)
-print(' '.join(s for s in d.test_splits if s != d.dev_split))
+print(' '.join(s for s in d.test_splits if s != d.dev_split)); print(d.dev_split)
 " "$dataset"
 }
 
@@ -149,6 +149,7 @@ run_stages() {
   train_splits=$(sed -n 2p <<<"$info")
   vocab_size=${vocab_size:-$(sed -n 3p <<<"$info")}
   test_only_splits=$(sed -n 4p <<<"$info")
+  dev_split=$(sed -n 5p <<<"$info")
   manifest_dir=$data_dir/manifests
   fbank_dir=$data_dir/fbank
   lang_dir=$data_dir/lang_bpe_${vocab_size}
@@ -241,12 +242,14 @@ run_stages() {
     end_stage 5 "validated"
   fi
 
-  # ---- stage 6: narrowband and trimmed variants of the training and test splits (optional) -------
+  # ---- stage 6: narrowband and trimmed variants of the training, dev and test splits (optional): dev's
+  # copies are there so that the training variants can be chosen on dev (docs/an4-experiments.md) -------
   if [ "$variants" = true ]; then
-    outs=(); for s in $train_splits $test_only_splits; do outs+=("$fbank_dir/${dataset}_cuts_${s}-narrowband.jsonl.gz" "$fbank_dir/${dataset}_cuts_${s}-trimmed.jsonl.gz"); done
-    if begin_stage 6 "narrowband and trimmed copies of [$train_splits $test_only_splits]" "variants" "${outs[@]}"; then
+    local variant_splits="$train_splits $dev_split $test_only_splits"
+    outs=(); for s in $variant_splits; do outs+=("$fbank_dir/${dataset}_cuts_${s}-narrowband.jsonl.gz" "$fbank_dir/${dataset}_cuts_${s}-trimmed.jsonl.gz"); done
+    if begin_stage 6 "narrowband and trimmed copies of [$variant_splits]" "variants" "${outs[@]}"; then
       # shellcheck disable=SC2086
-      "$PYTHON" "$_root/local/make_variants.py" --dataset "$dataset" --splits $train_splits $test_only_splits \
+      "$PYTHON" "$_root/local/make_variants.py" --dataset "$dataset" --splits $variant_splits \
         --manifest-dir "$manifest_dir" --fbank-dir "$fbank_dir" --data-dir "$data_dir" --num-jobs "$num_jobs"
       end_stage 6 "variants"
     fi

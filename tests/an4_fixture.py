@@ -146,6 +146,7 @@ def _is_prepared(data: Path) -> bool:
             ".done/an4.stage5",
             ".done/an4.stage6",
             "fbank/an4_cuts_train-narrowband.jsonl.gz",
+            "fbank/an4_cuts_dev-narrowband.jsonl.gz",
             "fbank/an4_cuts_test-trimmed.jsonl.gz",
         ]
     )

@@ -21,7 +21,7 @@ def variants_data(an4_dir, tmp_path_factory):
     data = prepared_an4(tmp_path_factory.getbasetemp() / "an4_prepared", an4_dir)
     log = data.parent / "prepare.log"
     if log.is_file():  # absent when SPLITFORMER_AN4_DATA points at an existing preparation
-        assert "Stage 6: narrowband and trimmed copies of [train test]" in log.read_text()
+        assert "Stage 6: narrowband and trimmed copies of [train dev test]" in log.read_text()
     return data
 
 
@@ -40,7 +40,7 @@ def test_speech_bounds_finds_the_burst():
 def test_variants_keep_ids_and_texts_and_change_what_they_should(variants_data):
     fb = variants_data / "fbank"
     clean = {c.id: c for c in load_manifest(fb / "an4_cuts_test.jsonl.gz")}
-    for split in ("train", "test"):
+    for split in ("train", "dev", "test"):  # dev's copies choose --train-variants
         assert (fb / f"an4_cuts_{split}-narrowband.jsonl.gz").is_file()
     nb = {c.id: c for c in load_manifest(fb / "an4_cuts_test-narrowband.jsonl.gz")}
     tr = {c.id: c for c in load_manifest(fb / "an4_cuts_test-trimmed.jsonl.gz")}
