@@ -149,23 +149,8 @@ choose_avg() {  # preset seed dir: decode dev at every --avg and keep the lowest
       --use-averaged-model --exit-layer all --decoding-method "$decoding_method" --max-duration 200 \
       --test-sets dev || return 1
   done
-  python - "$d/$decoding_method/results-dev.json" "$num_epochs" "$decoding_method" "${avg_list[@]}" \
-      > "$d/chosen-avg.txt" <<'PY' || return 1
-import json, sys
-from splitformer.compare import checkpoint_of
-path, epoch, method, *avgs = sys.argv[1:]
-runs = json.load(open(path))["runs"].values()
-wer = {}
-for a in avgs:
-    mine = [r for r in runs if r["kind"] == "fixed" and checkpoint_of(r) == f"epoch-{epoch}_avg-{a}_use-averaged-model"]
-    if not mine:
-        sys.exit(f"run.sh: {path} holds no decode of epoch {epoch} --avg {a} --use-averaged-model")
-    last = max(r["exit_layer"] for r in mine)
-    wer[a] = next(r["wer"] for r in mine if r["exit_layer"] == last)
-best = min(avgs, key=lambda a: (wer[a], avgs.index(a)))
-print(best)
-print("dev WER at the last exit by --avg: " + ", ".join(f"{a}: {wer[a]:.2f}" for a in avgs))
-PY
+  ./splitformer/compare.py "$d" --choose-avg "${avg_list[*]}" --epoch "$num_epochs" --choose-on dev \
+    --method "$decoding_method" > "$d/chosen-avg.txt" || return 1
   progress "stage 2: $m, seed $s: $(tail -n 1 "$d/chosen-avg.txt"); chosen --avg $(head -n 1 "$d/chosen-avg.txt")"
 }
 

@@ -49,6 +49,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", type=Path, default=None,
                    help="prepare.sh's test-set labels, data/fbank/<dataset>_conditions.json: headings say which sets "
                         "are matched (made as training's variants) and which unmatched")
+    g = p.add_argument_group("choosing a model's average on dev (run.sh's stage 2) instead of a report")
+    g.add_argument("--choose-avg", type=str, default=None,
+                   help="comma or space list of --avg values decoded at --epoch: print the one whose last exit has "
+                        "the lowest WER on --choose-on (a tie goes to the first listed), then a line of every WER")
+    g.add_argument("--epoch", type=int, default=None, help="the epoch the --choose-avg decodes end at")
+    g.add_argument("--choose-on", type=str, default="dev", help="the set the average is chosen on")
+    g.add_argument("--method", type=str, default="greedy_search", help="the decoding method of those decodes")
     return p
 
 
@@ -251,6 +258,25 @@ def checkpoint_of(run: Dict) -> str:
 
 class CompareError(Exception):
     """Results that one report cannot hold as they are, with the flag that resolves it."""
+
+
+def choose_average(runs: Sequence[Dict], epoch: int, avgs: Sequence[int], test_set: str = "dev",
+                   method: str = "greedy_search") -> Tuple[int, Dict[int, float]]:
+    """The ``--avg`` (of whole-utterance ``--use-averaged-model`` decodes at ``epoch``) whose last exit has the
+    lowest WER on ``test_set``, and each one's WER; a tie goes to the first listed. run.sh chooses every model's
+    average this way on dev before any other set is decoded."""
+    wer: Dict[int, float] = {}
+    for a in avgs:
+        name = f"epoch-{epoch}_avg-{a}_use-averaged-model"
+        mine = {r["exit_layer"]: r for r in latest_fixed(
+                [r for r in runs if r["test_set"] == test_set and r["method"] == method and not r.get("chunk_size")]
+        ).values() if checkpoint_of(r) == name and isinstance(r["exit_layer"], int)}
+        if not mine:
+            raise CompareError(f"no {method} decode of {test_set} at epoch {epoch} --avg {a} --use-averaged-model: "
+                               f"run decode.py --epoch {epoch} --avg {a} --use-averaged-model --test-sets {test_set} first")
+        wer[a] = mine[max(mine)]["wer"]
+    best = min(avgs, key=lambda a: (wer[a], list(avgs).index(a)))
+    return best, wer
 
 
 def checkpoints_by_source(runs: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, int]]]:
@@ -724,6 +750,8 @@ def read_conditions(path: Optional[Path]) -> Dict[str, Dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
+    if args.choose_avg is not None:
+        return choose_main(args)
     names = args.names.split(",") if args.names else [d.name for d in args.exp_dirs]
     if len(names) != len(args.exp_dirs):
         print(f"compare.py: error: {len(names)} names for {len(args.exp_dirs)} directories", file=sys.stderr)
@@ -758,6 +786,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for s in sorted({r["test_set"] for r in runs}):
         plot(runs, summary, s, args.out / f"wer-{s}.png")
     print(f"wrote {args.out / 'report.md'}")
+    return 0
+
+
+def choose_main(args: argparse.Namespace) -> int:
+    """--choose-avg: the chosen average on the first line, every candidate's WER on the second."""
+    try:
+        avgs = [int(a) for a in args.choose_avg.replace(",", " ").split()]
+    except ValueError:
+        print(f"compare.py: error: --choose-avg takes integers, not '{args.choose_avg}'", file=sys.stderr)
+        return 2
+    if len(args.exp_dirs) != 1 or args.epoch is None or not avgs:
+        print("compare.py: error: --choose-avg needs one experiment directory, --epoch and at least one value",
+              file=sys.stderr)
+        return 2
+    d = args.exp_dirs[0]
+    try:
+        best, wer = choose_average(load_runs(d, d.name), args.epoch, avgs, args.choose_on, args.method)
+    except CompareError as e:
+        print(f"compare.py: error: {d}: {e}", file=sys.stderr)
+        return 2
+    print(best)
+    print(f"{args.choose_on} WER at the last exit by --avg: " + ", ".join(f"{a}: {wer[a]:.2f}" for a in avgs))
     return 0
 
 

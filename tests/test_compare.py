@@ -223,10 +223,11 @@ def test_differences_are_holm_corrected_over_the_exits_of_a_pair(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def _ckpt_run(d: Path, epoch: int, avg: int, averaged: bool, wer: float, test_set: str = "test") -> None:
-    tag = f"epoch-{epoch}_avg-{avg}" + ("_use-averaged-model" if averaged else "") + "_exit-4_greedy_search"
+def _ckpt_run(d: Path, epoch: int, avg: int, averaged: bool, wer: float, test_set: str = "test",
+              exit_layer: int = 4) -> None:
+    tag = f"epoch-{epoch}_avg-{avg}" + ("_use-averaged-model" if averaged else "") + f"_exit-{exit_layer}_greedy_search"
     update_results_json(d / "greedy_search" / f"results-{test_set}.json", dict(
-        tag=tag, test_set=test_set, kind="fixed", exit_layer=4, wer=wer, macs_per_second=1e6, params=1e6,
+        tag=tag, test_set=test_set, kind="fixed", exit_layer=exit_layer, wer=wer, macs_per_second=1e6, params=1e6,
         method="greedy_search", beam=4, epoch=epoch, iter=0, avg=avg, use_averaged_model=averaged))
 
 
@@ -264,6 +265,26 @@ def test_a_directory_decoded_at_two_checkpoints_is_refused_until_one_is_picked(t
     assert "| n | greedy_search | epoch-3_avg-1 | 4 | 50.00 |" in (out / "report.md").read_text()
     assert compare_main([str(d), str(other), "--out", str(out), "--checkpoint", "a,b,c"]) == 2
     assert "3 entries for 2 directories" in capsys.readouterr().err
+
+
+def test_the_average_is_chosen_on_dev_at_the_last_exit_a_tie_going_to_the_first_listed(tmp_path, capsys):
+    d = tmp_path / "m"
+    (d / "greedy_search").mkdir(parents=True)
+    for avg, (low_exit, last_exit) in {4: (20.0, 12.0), 2: (10.0, 11.0), 6: (30.0, 11.0)}.items():
+        _ckpt_run(d, 12, avg, True, low_exit, "dev", exit_layer=4)
+        _ckpt_run(d, 12, avg, True, last_exit, "dev", exit_layer=12)
+    _ckpt_run(d, 12, 4, True, 1.0, "test", exit_layer=12)  # the test set never takes part
+    _ckpt_run(d, 12, 4, False, 1.0, "dev", exit_layer=12)  # nor weights that are not the running average
+    assert compare_main([str(d), "--choose-avg", "4,2,6", "--epoch", "12"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "2", "dev WER at the last exit by --avg: 4: 12.00, 2: 11.00, 6: 11.00"]
+    _ckpt_run(d, 12, 6, True, 10.0, "dev", exit_layer=12)  # decoded again: the newest counts
+    assert compare_main([str(d), "--choose-avg", "4 2 6", "--epoch", "12"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "6"
+    assert compare_main([str(d), "--choose-avg", "4,8", "--epoch", "12"]) == 2
+    assert "no greedy_search decode of dev at epoch 12 --avg 8" in capsys.readouterr().err
+    assert compare_main([str(d), "--choose-avg", "4,x", "--epoch", "12"]) == 2
+    assert compare_main([str(d), "--choose-avg", "4"]) == 2  # no --epoch
 
 
 def test_checkpoint_of_reads_the_fields_or_an_old_tag():
