@@ -56,6 +56,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", type=int, default=None, help="the epoch the --choose-avg decodes end at")
     g.add_argument("--choose-on", type=str, default="dev", help="the set the average is chosen on")
     g.add_argument("--method", type=str, default="greedy_search", help="the decoding method of those decodes")
+    g.add_argument("--beam-size", type=int, default=None,
+                   help="the beam of those decodes, where the method was decoded at several")
     return p
 
 
@@ -261,20 +263,25 @@ class CompareError(Exception):
 
 
 def choose_average(runs: Sequence[Dict], epoch: int, avgs: Sequence[int], test_set: str = "dev",
-                   method: str = "greedy_search") -> Tuple[int, Dict[int, float]]:
+                   method: str = "greedy_search", beam: Optional[int] = None) -> Tuple[int, Dict[int, float]]:
     """The ``--avg`` (of whole-utterance ``--use-averaged-model`` decodes at ``epoch``) whose last exit has the
     lowest WER on ``test_set``, and each one's WER; a tie goes to the first listed. run.sh chooses every model's
-    average this way on dev before any other set is decoded."""
+    average this way on dev before any other set is decoded. A beam search decoded at several beams needs ``beam``,
+    so that one choice never mixes them."""
+    decodes = list(latest_fixed([r for r in runs if r["test_set"] == test_set and r["method"] == method
+                                 and not r.get("chunk_size") and (beam is None or r.get("beam") == beam)]).values())
+    searches = sorted({_method(r) for r in decodes})
+    if len(searches) > 1:
+        raise CompareError(f"{test_set} was decoded with {' and '.join(searches)}: pick one with --beam-size")
     wer: Dict[int, float] = {}
     for a in avgs:
         name = f"epoch-{epoch}_avg-{a}_use-averaged-model"
-        mine = {r["exit_layer"]: r for r in latest_fixed(
-                [r for r in runs if r["test_set"] == test_set and r["method"] == method and not r.get("chunk_size")]
-        ).values() if checkpoint_of(r) == name and isinstance(r["exit_layer"], int)}
+        mine = {r["exit_layer"]: r["wer"] for r in decodes
+                if checkpoint_of(r) == name and isinstance(r["exit_layer"], int)}
         if not mine:
             raise CompareError(f"no {method} decode of {test_set} at epoch {epoch} --avg {a} --use-averaged-model: "
                                f"run decode.py --epoch {epoch} --avg {a} --use-averaged-model --test-sets {test_set} first")
-        wer[a] = mine[max(mine)]["wer"]
+        wer[a] = mine[max(mine)]
     best = min(avgs, key=lambda a: (wer[a], list(avgs).index(a)))
     return best, wer
 
@@ -802,7 +809,8 @@ def choose_main(args: argparse.Namespace) -> int:
         return 2
     d = args.exp_dirs[0]
     try:
-        best, wer = choose_average(load_runs(d, d.name), args.epoch, avgs, args.choose_on, args.method)
+        best, wer = choose_average(load_runs(d, d.name), args.epoch, avgs, args.choose_on, args.method,
+                                   args.beam_size)
     except CompareError as e:
         print(f"compare.py: error: {d}: {e}", file=sys.stderr)
         return 2

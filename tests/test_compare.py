@@ -278,13 +278,28 @@ def test_the_average_is_chosen_on_dev_at_the_last_exit_a_tie_going_to_the_first_
     assert compare_main([str(d), "--choose-avg", "4,2,6", "--epoch", "12"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "2", "dev WER at the last exit by --avg: 4: 12.00, 2: 11.00, 6: 11.00"]
-    _ckpt_run(d, 12, 6, True, 10.0, "dev", exit_layer=12)  # decoded again: the newest counts
+    _ckpt_run(d, 12, 6, True, 10.0, "dev", exit_layer=12)  # decoded again: the file holds the new result
     assert compare_main([str(d), "--choose-avg", "4 2 6", "--epoch", "12"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "6"
     assert compare_main([str(d), "--choose-avg", "4,8", "--epoch", "12"]) == 2
     assert "no greedy_search decode of dev at epoch 12 --avg 8" in capsys.readouterr().err
     assert compare_main([str(d), "--choose-avg", "4,x", "--epoch", "12"]) == 2
     assert compare_main([str(d), "--choose-avg", "4"]) == 2  # no --epoch
+
+
+def test_the_average_is_never_chosen_over_two_beams_at_once(tmp_path, capsys):
+    from splitformer.compare import CompareError, choose_average
+
+    def run(avg, beam, wer):
+        return dict(tag=f"epoch-12_avg-{avg}_use-averaged-model_exit-12_beam-{beam}", test_set="dev", kind="fixed",
+                    exit_layer=12, wer=wer, method="modified_beam_search", beam=beam, epoch=12, iter=0, avg=avg,
+                    use_averaged_model=True, experiment="m", source="m")
+
+    runs = [run(4, 4, 10.0), run(2, 4, 11.0), run(4, 8, 12.0), run(2, 8, 9.0)]
+    with pytest.raises(CompareError, match="modified_beam_search \\(beam 4\\) and modified_beam_search \\(beam 8\\)"):
+        choose_average(runs, 12, [4, 2], method="modified_beam_search")
+    assert choose_average(runs, 12, [4, 2], method="modified_beam_search", beam=4) == (4, {4: 10.0, 2: 11.0})
+    assert choose_average(runs, 12, [4, 2], method="modified_beam_search", beam=8) == (2, {4: 12.0, 2: 9.0})
 
 
 def test_checkpoint_of_reads_the_fields_or_an_old_tag():
