@@ -49,15 +49,18 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", type=Path, default=None,
                    help="prepare.sh's test-set labels, data/fbank/<dataset>_conditions.json: headings say which sets "
                         "are matched (made as training's variants) and which unmatched")
+    p.add_argument("--method", type=str, default=None,
+                   help="report only decodes of this method (a table whose search was chosen on dev should not "
+                        "show the others); with --choose-avg, the method of the decodes it chooses from "
+                        "(default greedy_search)")
+    p.add_argument("--beam-size", type=int, default=None,
+                   help="with --method, only decodes at this beam (a method decoded at several beams needs it)")
     g = p.add_argument_group("choosing a model's average on dev (run.sh's stage 2) instead of a report")
     g.add_argument("--choose-avg", type=str, default=None,
                    help="comma or space list of --avg values decoded at --epoch: print the one whose last exit has "
                         "the lowest WER on --choose-on (a tie goes to the first listed), then a line of every WER")
     g.add_argument("--epoch", type=int, default=None, help="the epoch the --choose-avg decodes end at")
     g.add_argument("--choose-on", type=str, default="dev", help="the set the average is chosen on")
-    g.add_argument("--method", type=str, default="greedy_search", help="the decoding method of those decodes")
-    g.add_argument("--beam-size", type=int, default=None,
-                   help="the beam of those decodes, where the method was decoded at several")
     return p
 
 
@@ -284,6 +287,20 @@ def choose_average(runs: Sequence[Dict], epoch: int, avgs: Sequence[int], test_s
         wer[a] = mine[max(mine)]
     best = min(avgs, key=lambda a: (wer[a], list(avgs).index(a)))
     return best, wer
+
+
+def only_search(runs: Sequence[Dict], method: Optional[str], beam: Optional[int]) -> List[Dict]:
+    """The runs of one search, so that a report shows only what dev chose (all runs when ``method`` is None)."""
+    if method is None:
+        if beam is not None:
+            raise CompareError("--beam-size picks a beam of --method: give the method too")
+        return list(runs)
+    kept = [r for r in runs if r["method"] == method and (beam is None or r.get("beam") == beam)]
+    if not kept:
+        found = sorted({_method(r) for r in runs})
+        raise CompareError(f"no decode of {method}" + (f" at beam {beam}" if beam is not None else "")
+                           + f"; these directories hold {', '.join(found)}")
+    return kept
 
 
 def checkpoints_by_source(runs: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, int]]]:
@@ -777,6 +794,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         runs = select_checkpoints(runs, [str(d) for d in args.exp_dirs], args.checkpoint)
+        runs = only_search(runs, args.method, args.beam_size)
         conditions = read_conditions(args.conditions)
     except CompareError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
@@ -809,8 +827,8 @@ def choose_main(args: argparse.Namespace) -> int:
         return 2
     d = args.exp_dirs[0]
     try:
-        best, wer = choose_average(load_runs(d, d.name), args.epoch, avgs, args.choose_on, args.method,
-                                   args.beam_size)
+        best, wer = choose_average(load_runs(d, d.name), args.epoch, avgs, args.choose_on,
+                                   args.method or "greedy_search", args.beam_size)
     except CompareError as e:
         print(f"compare.py: error: {d}: {e}", file=sys.stderr)
         return 2

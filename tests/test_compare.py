@@ -347,3 +347,31 @@ def test_conditions_are_tabled_against_the_clean_set_they_were_made_from(tmp_pat
     table = "\n".join(condition_table(summary, facts))
     assert "test-trimmed (m) | test-telephone (u)" in table  # matched first
     assert "| m | greedy | 2 | 10.00 | - | 3.00× |" in table and "| m | greedy | 4 | 8.00 | 1.12× | 1.50× |" in table
+
+
+def test_a_report_shows_only_the_search_dev_chose(tmp_path, capsys):
+    d = tmp_path / "m"
+    for method, beam, wer in (("greedy_search", 4, 20.0), ("modified_beam_search", 4, 18.0),
+                              ("modified_beam_search", 8, 17.0)):
+        (d / method).mkdir(parents=True, exist_ok=True)
+        update_results_json(d / method / "results-test.json", dict(
+            tag=f"epoch-12_avg-2_use-averaged-model_exit-12_{method}_beam-{beam}", test_set="test", kind="fixed",
+            exit_layer=12, wer=wer, method=method, beam=beam, epoch=12, iter=0, avg=2, use_averaged_model=True,
+            utt_errors={"an251-fash-b": [1, 5]}))
+
+    def methods(out):
+        rows = (out / "results.tsv").read_text().splitlines()[1:]
+        return sorted((r.split("\t")[2], float(r.split("\t")[4])) for r in rows)
+
+    assert compare_main([str(d), "--out", str(tmp_path / "all"), "--bootstrap", "10"]) == 0
+    assert len(methods(tmp_path / "all")) == 3
+    assert compare_main([str(d), "--out", str(tmp_path / "b8"), "--bootstrap", "10",
+                         "--method", "modified_beam_search", "--beam-size", "8"]) == 0
+    assert methods(tmp_path / "b8") == [("modified_beam_search (beam 8)", 17.0)]
+    assert compare_main([str(d), "--out", str(tmp_path / "g"), "--method", "greedy_search", "--bootstrap", "10"]) == 0
+    assert methods(tmp_path / "g") == [("greedy_search", 20.0)]
+    capsys.readouterr()
+    assert compare_main([str(d), "--out", str(tmp_path / "x"), "--method", "ctc_greedy_search"]) == 2
+    assert "no decode of ctc_greedy_search" in capsys.readouterr().err
+    assert compare_main([str(d), "--out", str(tmp_path / "x"), "--beam-size", "8"]) == 2
+    assert "give the method too" in capsys.readouterr().err
