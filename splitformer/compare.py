@@ -271,8 +271,8 @@ def choose_average(runs: Sequence[Dict], epoch: int, avgs: Sequence[int], test_s
     lowest WER on ``test_set``, and each one's WER; a tie goes to the first listed. run.sh chooses every model's
     average this way on dev before any other set is decoded. A beam search decoded at several beams needs ``beam``,
     so that one choice never mixes them."""
-    decodes = list(latest_fixed([r for r in runs if r["test_set"] == test_set and r["method"] == method
-                                 and not r.get("chunk_size") and (beam is None or r.get("beam") == beam)]).values())
+    decodes = list(latest_fixed([r for r in runs if r["test_set"] == test_set and not r.get("chunk_size")
+                                 and _searched_by(r, method, beam)]).values())
     searches = sorted({_method(r) for r in decodes})
     if len(searches) > 1:
         raise CompareError(f"{test_set} was decoded with {' and '.join(searches)}: pick one with --beam-size")
@@ -289,13 +289,18 @@ def choose_average(runs: Sequence[Dict], epoch: int, avgs: Sequence[int], test_s
     return best, wer
 
 
+def _searched_by(run: Dict, method: str, beam: Optional[int]) -> bool:
+    """Whether a run decoded with ``method`` (at ``beam``, for a search whose beam matters)."""
+    return run["method"] == method and (beam is None or method not in BEAM_METHODS or run.get("beam") == beam)
+
+
 def only_search(runs: Sequence[Dict], method: Optional[str], beam: Optional[int]) -> List[Dict]:
     """The runs of one search, so that a report shows only what dev chose (all runs when ``method`` is None)."""
     if method is None:
         if beam is not None:
             raise CompareError("--beam-size picks a beam of --method: give the method too")
         return list(runs)
-    kept = [r for r in runs if r["method"] == method and (beam is None or r.get("beam") == beam)]
+    kept = [r for r in runs if _searched_by(r, method, beam)]
     if not kept:
         found = sorted({_method(r) for r in runs})
         raise CompareError(f"no decode of {method}" + (f" at beam {beam}" if beam is not None else "")
@@ -391,10 +396,13 @@ def fixed_at_cost(runs: Sequence[Dict], dyn: Dict) -> Optional[Dict]:
     return min(dearer, key=lambda r: r["macs_per_second"]) if dearer else None
 
 
+BEAM_METHODS = ("modified_beam_search", "ctc_prefix_beam_search")  # the searches whose beam changes the words
+
+
 def _method(r: Dict) -> str:
     """How a run decoded: the search (and beam), and for a causal model its chunks, streamed or simulated."""
     m = r["method"]
-    label = f"{m} (beam {r['beam']})" if m in ("modified_beam_search", "ctc_prefix_beam_search") else m
+    label = f"{m} (beam {r['beam']})" if m in BEAM_METHODS else m
     if r.get("chunk_size"):
         how = "streaming" if r.get("streaming") else "simulated"
         left = r.get("left_context_ms")
